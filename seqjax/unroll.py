@@ -72,14 +72,17 @@ def check_params(cell: Cell, params: Any, input_size: int) -> None:
             + (f"; unexpected {extra}" if extra else "")
             + "."
         )
-    for (path, e), (_, g) in zip(exp_leaves, got_leaves):
-        g_shape = tuple(np.shape(g))
-        if g_shape != tuple(e.shape):
-            raise ValueError(
-                f"{_fmt_path(path)} has shape {g_shape} but this cell with input_size={input_size} "
-                f"needs {tuple(e.shape)}; the inputs have {input_size} features, so either xs has "
-                "the wrong feature size or the params were made for another input_size / hidden_size."
-            )
+    bad = [
+        f"{_fmt_path(path)} has shape {tuple(np.shape(g))} but this cell needs {tuple(e.shape)}"
+        for (path, e), (_, g) in zip(exp_leaves, got_leaves)
+        if tuple(np.shape(g)) != tuple(e.shape)
+    ]
+    if bad:
+        raise ValueError(
+            "; ".join(bad)
+            + f" (for input_size={input_size}, the number of features of xs): either xs has the wrong "
+            "feature size or the params were made for another input_size / hidden_size."
+        )
 
 
 def check_carry(cell: Cell, params: Any, carry: Any, batch_shape: tuple[int, ...], name: str = "carry") -> None:
@@ -116,7 +119,7 @@ def sequence_mask(lengths: jax.Array, max_len: int, time_axis: int = -1) -> jax.
       time_axis: where the time axis goes in the result (default last).
     """
     lengths = jnp.asarray(lengths)
-    m = jnp.arange(max_len) < lengths[..., None]
+    m = jnp.arange(max_len).reshape((1,) * lengths.ndim + (max_len,)) < lengths[..., None]
     return jnp.moveaxis(m, -1, time_axis)
 
 
