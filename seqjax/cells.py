@@ -162,9 +162,7 @@ def _check_step_input(cell: str, x: jax.Array, fan_in: int, batch_shape: tuple[i
 
 def _check_carry_width(cell: str, name: str, arr: jax.Array, width: int) -> None:
     if arr.ndim < 1 or arr.shape[-1] != width:
-        raise ValueError(
-            f"{cell}: carry {name} has shape {tuple(arr.shape)} but needs (*batch, {width})."
-        )
+        raise ValueError(f"{cell}: carry {name} has shape {tuple(arr.shape)} but needs (*batch, {width}).")
 
 
 def _bias(z: jax.Array, b: jax.Array) -> jax.Array:

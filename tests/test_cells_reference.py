@@ -115,9 +115,13 @@ def test_tdnn_matches_numpy(x64, K):
     params = _random_params(cell.init(jax.random.key(0), I))
     xs = _xs()
     window, ys = sj.unroll(cell, params, xs)
-    np.testing.assert_allclose(ys, ref.tdnn_run(ref.np_params(params), np.asarray(xs), K), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        ys, ref.tdnn_run(ref.np_params(params), np.asarray(xs), K), rtol=RTOL, atol=ATOL
+    )
     # the carry is the window of the K-1 most recent inputs, oldest first
-    np.testing.assert_array_equal(window, np.asarray(xs)[:, T - (K - 1) :, :] if K > 1 else np.zeros((B, 0, I)))
+    np.testing.assert_array_equal(
+        window, np.asarray(xs)[:, T - (K - 1) :, :] if K > 1 else np.zeros((B, 0, I))
+    )
 
 
 @pytest.mark.parametrize("K, L", [(1, 1), (3, 2)])

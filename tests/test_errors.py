@@ -26,7 +26,9 @@ def _both(fn):
 def test_wrong_feature_size():
     cell, params, _ = _setup()
     xs = jnp.ones((B, T, I + 2))
-    with pytest.raises(ValueError, match=r"params\['w_x'\] has shape \(3, 16\) but this cell needs \(5, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"params\['w_x'\] has shape \(3, 16\) but this cell needs \(5, 16\)"
+    ):
         _both(lambda: sj.unroll(cell, params, xs))
     # the cell's step also checks, for users who call it directly
     with pytest.raises(ValueError, match=r"x_t has shape \(2, 5\) but the params expect 3 features"):
@@ -73,7 +75,9 @@ def test_mismatched_param_tree():
     with pytest.raises(ValueError, match=r"missing \[\"params\['b'\]\"\]"):
         _both(lambda: sj.unroll(cell, params, xs))
     cell, params, xs = _setup()
-    with pytest.raises(ValueError, match=r"params\['w_h'\] has shape \(4, 16\) but this cell needs \(6, 24\)"):
+    with pytest.raises(
+        ValueError, match=r"params\['w_h'\] has shape \(4, 16\) but this cell needs \(6, 24\)"
+    ):
         sj.unroll(sj.lstm(H + 2), params, xs)
 
 

@@ -29,11 +29,14 @@ def _run_flax(flax_cell, xs, seq_lengths=None):
     model = nn.RNN(flax_cell, return_carry=True)
     variables = model.init(jax.random.key(1), xs)
     # random biases so a bias placed wrongly cannot hide behind zeros
-    variables = jax.tree_util.tree_map_with_path(
-        lambda path, a: 0.3 * jax.random.normal(jax.random.key(hash(jax.tree_util.keystr(path)) % 2**31), a.shape)
-        if "bias" in jax.tree_util.keystr(path)
-        else a,
-        variables,
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    variables = jax.tree_util.tree_unflatten(
+        treedef,
+        [
+            0.3 * jax.random.normal(k, a.shape) if "bias" in jax.tree_util.keystr(path) else a
+            for k, (path, a) in zip(keys, leaves)
+        ],
     )
     carry, ys = model.apply(variables, xs, seq_lengths=seq_lengths)
     return variables["params"]["cell"], carry, ys

@@ -75,7 +75,9 @@ def test_spectral_radius_rescaling():
     # per gate block, on a GRU recurrent kernel
     wg = np.asarray(si.with_spectral_radius(0.9, gates=3)(KEY, (H, 3 * H)), np.float64)
     for k in range(3):
-        np.testing.assert_allclose(np.abs(np.linalg.eigvals(wg[:, k * H : (k + 1) * H])).max(), 0.9, rtol=1e-5)
+        np.testing.assert_allclose(
+            np.abs(np.linalg.eigvals(wg[:, k * H : (k + 1) * H])).max(), 0.9, rtol=1e-5
+        )
 
 
 def test_uniform_and_constant():

@@ -138,8 +138,9 @@ def test_learnable_initial_carry_gets_gradients():
     g = jax.grad(loss)(params)
     # finite-difference check of the gradient wrt carry0.c[0]
     eps = 1e-3
-    bump = lambda s: jax.tree_util.tree_map(lambda a: a, {**params, "carry0": params["carry0"]._replace(
-        c=params["carry0"].c.at[0].add(s))})
+    bump = lambda s: jax.tree_util.tree_map(
+        lambda a: a, {**params, "carry0": params["carry0"]._replace(c=params["carry0"].c.at[0].add(s))}
+    )
     fd = (loss(bump(eps)) - loss(bump(-eps))) / (2 * eps)
     np.testing.assert_allclose(g["carry0"].c[0], fd, rtol=2e-2)
     assert float(jnp.abs(g["carry0"].h).sum()) > 0
@@ -157,7 +158,9 @@ def test_recurrent_dropout_one_mask_per_sequence():
     for b in range(B):
         masks = []
         for t in range(T):
-            sol = np.linalg.lstsq(np.asarray(params["w_x"]).T, np.asarray(ys[b, t] - params["b"]), rcond=None)[0]
+            sol = np.linalg.lstsq(
+                np.asarray(params["w_x"]).T, np.asarray(ys[b, t] - params["b"]), rcond=None
+            )[0]
             masks.append(sol / np.asarray(xs[b, t]))
         masks = np.array(masks)
         np.testing.assert_allclose(masks, np.broadcast_to(masks[0], masks.shape), atol=1e-3)
