@@ -1,0 +1,570 @@
+"""Sequence architectures built from cells: deep stacks, bidirectional layers, readouts.
+
+Two kinds of building block live here.
+
+* A ``Cell`` (causal, one step at a time). ``stack(cells)`` is a ``Cell`` whose carry is
+  the tuple of the layers' carries, so ``unroll`` runs a whole deep network in **one**
+  scan over time, and everything that takes a cell (``generate``, Jacobian spectra,
+  ``learnable_carry``) takes a stack.
+* A ``Layer`` (a whole sequence at a time)::
+
+      layer = Layer(init, apply, initial_carry)
+      params = layer.init(key, input_size)
+      carry, ys = layer.apply(params, xs, carry=None, lengths=None, time_axis=-2, key=None)
+
+  A bidirectional layer is not causal (``y_t`` depends on ``x_{t+1..T}``), so it cannot
+  be a ``Cell``; it is a ``Layer`` made of two ``unroll`` calls. ``stack_layers`` chains
+  layers *layer by layer* (each layer sees the whole output sequence of the one below),
+  which is what PyTorch's ``nn.LSTM(num_layers=2, bidirectional=True)`` computes.
+  ``as_layer(cell)`` turns any cell into a layer.
+
+``Pointwise(init, apply)`` is a map applied independently at every step: ``dense`` (the
+per-step readout ``o_t = y_t W + b``) and ``embedding`` (token ids to vectors).
+
+Dropout between layers (keyed and pure):
+
+* ``stack(cells, dropout=rate, key=key)``: a cell's step receives no key, so the key is
+  closed over when the stack is built (build it inside your loss function, with a fresh
+  key per training step). Each layer boundary draws one Bernoulli mask per sequence from
+  ``fold_in(key, layer)``, **shared by every time step** (variational dropout, Gal &
+  Ghahramani 2016); the mask is a function of the key only, so it is identical at every
+  step of the scan.
+* ``stack_layers(layers, dropout=rate)`` with ``apply(..., key=key)``: standard dropout
+  on the whole output sequence of each layer but the last, a fresh mask per step and
+  unit, as ``torch.nn.LSTM(dropout=rate)`` in training mode.
+
+Kept units are scaled by ``1 / (1 - rate)`` in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqjax import initializers as inits
+from seqjax.cells import Cell, CellMeta
+from seqjax.unroll import sequence_mask, unroll
+
+__all__ = [
+    "Layer",
+    "Pointwise",
+    "BiCarry",
+    "stack",
+    "as_layer",
+    "bidirectional",
+    "stack_layers",
+    "dense",
+    "embedding",
+    "output_size",
+]
+
+Params = Any
+Carry = Any
+
+
+class Layer(NamedTuple):
+    """A sequence layer: pure functions over whole sequences.
+
+    Attributes:
+      init: ``(key, input_size) -> params``.
+      apply: ``(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None)
+        -> (final_carry, ys)`` with ``xs: (*batch, T, I)`` (time at ``time_axis``),
+        ``ys: (*batch, T, O)``, ``lengths: (*batch,)``; outputs past each sequence's length
+        are zero, as in ``unroll``.
+      initial_carry: ``(params, batch_shape=()) -> carry`` (zeros).
+      meta: a ``CellMeta`` describing the layer (``kind`` ``"recurrent"``,
+        ``"bidirectional"`` or ``"stack_layers"``), or ``None``.
+    """
+
+    init: Callable[..., Params]
+    apply: Callable[..., tuple[Carry, jax.Array]]
+    initial_carry: Callable[..., Carry]
+    meta: CellMeta | None = None
+
+
+class Pointwise(NamedTuple):
+    """A map applied independently at every step (no carry).
+
+    Attributes:
+      init: ``(key, input_size) -> params``.
+      apply: ``(params, x) -> y`` acting on the last axis of ``x: (..., input_size)``.
+    """
+
+    init: Callable[..., Params]
+    apply: Callable[[Params, jax.Array], jax.Array]
+
+
+class BiCarry(NamedTuple):
+    """Carry of a bidirectional layer.
+
+    Attributes:
+      fwd: the forward cell's carry (after the last valid step of each sequence).
+      bwd: the backward cell's carry (after step 0, having read each sequence from its own
+        end back to its start). PyTorch's ``h_n[2k]`` and ``h_n[2k + 1]``.
+    """
+
+    fwd: Any
+    bwd: Any
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_int(n, name: str) -> int:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {n!r}.")
+    return int(n)
+
+
+def _check_rate(rate, name="dropout") -> float:
+    if not (0.0 <= float(rate) < 1.0):
+        raise ValueError(f"{name} must lie in [0, 1), got {rate}.")
+    return float(rate)
+
+
+def _keep_mask(key, rate: float, shape, dtype) -> jax.Array:
+    keep = jax.random.bernoulli(key, 1.0 - rate, tuple(shape))
+    return keep.astype(dtype) / jnp.asarray(1.0 - rate, dtype)
+
+
+def output_size(model: Cell | Layer, params: Params, input_size: int) -> int:
+    """The number of output features ``O`` of a cell or layer fed ``input_size`` features.
+
+    Computed abstractly (``jax.eval_shape``: no FLOPs) from one step of a cell or one
+    step-long sequence through a layer.
+
+    Args:
+      model: a ``Cell`` or ``Layer``.
+      params: its params (arrays or ``jax.ShapeDtypeStruct``).
+      input_size: ``I``.
+
+    Returns:
+      ``O`` as a Python int.
+    """
+    if isinstance(model, Cell):
+
+        def run(p):
+            return model.step(p, model.initial_carry(p, ()), jnp.zeros((input_size,), _dtype_of(p)))[1]
+
+    elif isinstance(model, Layer):
+
+        def run(p):
+            return model.apply(p, jnp.zeros((1, input_size), _dtype_of(p)))[1]
+
+    else:
+        raise TypeError(f"model must be a seqjax Cell or Layer, got {type(model).__name__}.")
+    out = jax.eval_shape(run, params)
+    return int(out.shape[-1])
+
+
+def _dtype_of(params) -> jnp.dtype:
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return jnp.result_type(*[leaf.dtype for leaf in leaves]) if leaves else jnp.float32
+
+
+def _check_layers_params(params, n: int, what: str) -> None:
+    if not isinstance(params, (tuple, list)) or len(params) != n:
+        got = (
+            f"a {type(params).__name__} of length {len(params)}"
+            if isinstance(params, (tuple, list))
+            else type(params).__name__
+        )
+        raise ValueError(
+            f"{what}: params must be a tuple/list with one entry per layer ({n}), got {got}; "
+            f"make them with {what}(...).init(key, input_size)."
+        )
+
+
+def _check_carry_tuple(carry, n: int, what: str) -> None:
+    if not isinstance(carry, (tuple, list)) or len(carry) != n:
+        raise ValueError(
+            f"{what}: carry must be a tuple with one carry per layer ({n}); make it with "
+            f"{what}(...).initial_carry(params, batch_shape)."
+        )
+
+
+def _time_mask(lengths, ys: jax.Array, time_axis: int) -> jax.Array:
+    """Boolean ``(*ys.shape[:-1])`` mask ``t < lengths`` with time at ``time_axis`` of ``ys``."""
+    ta = time_axis % ys.ndim
+    T = ys.shape[ta]
+    return sequence_mask(jnp.asarray(lengths), T, time_axis=ta)
+
+
+# --------------------------------------------------------------------------- stack (a Cell)
+
+
+def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None = None) -> Cell:
+    r"""Deep recurrent network as one ``Cell``: layer ``l`` reads the output of layer ``l-1``.
+
+    At each step ``t``::
+
+        carry^l_t, y^l_t = cell_l.step(params[l], carry^l_{t-1}, y^{l-1}_t),   y^0_t = x_t
+
+    and the stack's output is ``y^L_t``. The carry is the tuple ``(carry^1, ..., carry^L)``,
+    so ``unroll(stack(cells), params, xs)`` runs all layers in one scan over time. This is
+    mathematically the same as unrolling layer 1 over the whole sequence, then layer 2 over
+    its outputs, and so on (``stack_layers``), for causal cells.
+
+    Params: a tuple, ``params[l]`` exactly what ``cells[l].init`` makes for the output size
+    of layer ``l-1``. Carry: a tuple of the cells' carries. ``meta`` is
+    ``CellMeta("stack", H_L, {"cells": tuple(cells)})`` (``H_L``: the last cell's
+    ``hidden_size``), which fast paths may use to run layer by layer. With dropout the kind
+    is ``"stack_dropout"`` (options also hold ``dropout`` and ``key``), so such fast paths
+    do not silently drop the dropout.
+
+    ``gates`` (when every cell has one) returns ``{"layer_0": gates_0, ...}``.
+
+    Args:
+      cells: one or more ``Cell``.
+      dropout: rate in ``[0, 1)`` of dropout on the input of layers ``2..L`` (the outputs
+        of layers ``1..L-1``): one mask per sequence, shared by all time steps
+        (variational), drawn from ``fold_in(key, l)``.
+      key: PRNG key, needed when ``dropout > 0``. Build the stack with a fresh key for each
+        training step (inside the jitted loss is fine); build it without dropout for
+        evaluation. Params are the same either way. The masks have the batch shape the
+        step sees: under ``jax.vmap`` over sequences, build the stack inside the mapped
+        function with a per-sequence key, or every sequence shares one mask.
+
+    Returns:
+      A ``Cell``.
+
+    Example::
+
+      cell = stack([seqjax.lstm(64), seqjax.lstm(64)])
+      params = cell.init(jax.random.key(0), input_size=8)     # (params_0, params_1)
+      (c1, c2), ys = seqjax.unroll(cell, params, xs)            # ys: (B, T, 64)
+    """
+    cells = tuple(cells)
+    if not cells:
+        raise ValueError("stack: cells must hold at least one Cell, got an empty sequence.")
+    for i, c in enumerate(cells):
+        if not isinstance(c, Cell):
+            raise TypeError(f"stack: cells[{i}] must be a seqjax.Cell, got {type(c).__name__}.")
+    rate = _check_rate(dropout)
+    if rate and key is None:
+        raise ValueError("stack: dropout > 0 needs a PRNG key: stack(cells, dropout=rate, key=key).")
+    L = len(cells)
+
+    def init(key_init, input_size):
+        ks = jax.random.split(key_init, L)
+        params = []
+        size = input_size
+        for c, k in zip(cells, ks, strict=True):
+            p = c.init(k, size)
+            params.append(p)
+            size = output_size(c, p, size)
+        return tuple(params)
+
+    def initial_carry(params, batch_shape=()):
+        _check_layers_params(params, L, "stack")
+        return tuple(c.initial_carry(p, batch_shape) for c, p in zip(cells, params, strict=True))
+
+    def step(params, carry, x):
+        _check_layers_params(params, L, "stack")
+        _check_carry_tuple(carry, L, "stack")
+        new = []
+        y = x
+        for l, (c, p, h) in enumerate(zip(cells, params, carry, strict=True)):
+            if l and rate:
+                y = y * _keep_mask(jax.random.fold_in(key, l), rate, y.shape, y.dtype)
+            h, y = c.step(p, h, y)
+            new.append(h)
+        return tuple(new), y
+
+    gates = None
+    if all(c.gates is not None for c in cells):
+
+        def gates(params, carry, x):
+            out = {}
+            y = x
+            for l, (c, p, h) in enumerate(zip(cells, params, carry, strict=True)):
+                if l and rate:
+                    y = y * _keep_mask(jax.random.fold_in(key, l), rate, y.shape, y.dtype)
+                out[f"layer_{l}"] = c.gates(p, h, y)
+                _, y = c.step(p, h, y)
+            return out
+
+    H = cells[-1].meta.hidden_size if cells[-1].meta is not None else 0
+    if rate:
+        meta = CellMeta("stack_dropout", H, {"cells": cells, "dropout": rate, "key": key})
+    else:
+        meta = CellMeta("stack", H, {"cells": cells})
+    return Cell(init, initial_carry, step, gates, meta)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def as_layer(cell: Cell, *, reverse: bool = False) -> Layer:
+    """A cell as a sequence layer: ``apply`` is ``unroll(cell, ...)``.
+
+    Args:
+      cell: any ``Cell``.
+      reverse: read each sequence backwards (from its own last valid step when ``lengths``
+        is given); outputs stay in input order.
+
+    Returns:
+      A ``Layer`` with the cell's params and carry;
+      ``meta = CellMeta("recurrent", H, {"cell": cell, "reverse": reverse})``.
+    """
+    if isinstance(cell, Layer):
+        return cell
+    if not isinstance(cell, Cell):
+        raise TypeError(f"as_layer: cell must be a seqjax.Cell, got {type(cell).__name__}.")
+
+    def apply(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None):
+        del key
+        return unroll(cell, params, xs, carry=carry, lengths=lengths, reverse=reverse, time_axis=time_axis)
+
+    H = cell.meta.hidden_size if cell.meta is not None else 0
+    return Layer(
+        cell.init, apply, cell.initial_carry, CellMeta("recurrent", H, {"cell": cell, "reverse": reverse})
+    )
+
+
+_MERGES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "concat": lambda a, b: jnp.concatenate([a, b], axis=-1),
+    "sum": lambda a, b: a + b,
+    "mean": lambda a, b: 0.5 * (a + b),
+    "mul": lambda a, b: a * b,
+}
+
+
+def bidirectional(
+    fwd_cell: Cell,
+    bwd_cell: Cell | None = None,
+    *,
+    merge: str | Callable[[jax.Array, jax.Array], jax.Array] = "concat",
+) -> Layer:
+    r"""Bidirectional layer (Schuster & Paliwal 1997): two independent cells, one per direction.
+
+    ::
+
+        s_t  = fwd.step(s_{t-1},  x_t)     for t = 1 .. n      (n: the sequence's own length)
+        s'_t = bwd.step(s'_{t+1}, x_t)     for t = n .. 1      (starts at the sequence's end)
+        y_t  = merge(y^fwd_t, y^bwd_t)
+
+    Under ``lengths`` the backward cell starts at each sequence's own last valid step
+    (``unroll(..., reverse=True, lengths=...)``), exactly as PyTorch's packed sequences,
+    and outputs past the length are zero (also after a user ``merge``). The two directions
+    share no weights. ``y_t = g(V s_t + V' s'_t)`` is ``merge="concat"`` followed by
+    ``dense`` (a dense map of ``[s_t, s'_t]`` is ``s_t V + s'_t V'``).
+
+    Params: ``{"fwd": fwd_params, "bwd": bwd_params}``. Carry: ``BiCarry(fwd, bwd)``.
+
+    Args:
+      fwd_cell: the forward cell.
+      bwd_cell: the backward cell; default the same architecture as ``fwd_cell`` (its own,
+        independently initialised params).
+      merge: ``"concat"`` (``[y_fwd, y_bwd]``, features ``O_f + O_b``), ``"sum"``,
+        ``"mean"``, ``"mul"``, or a callable ``(y_fwd, y_bwd) -> y`` acting on
+        ``(*batch, T, O)`` arrays.
+
+    Returns:
+      A ``Layer``. ``apply``'s ``carry`` is a ``BiCarry`` (or ``None``: zeros).
+    """
+    bwd_cell = fwd_cell if bwd_cell is None else bwd_cell
+    for name, c in (("fwd_cell", fwd_cell), ("bwd_cell", bwd_cell)):
+        if not isinstance(c, Cell):
+            raise TypeError(f"bidirectional: {name} must be a seqjax.Cell, got {type(c).__name__}.")
+    if callable(merge):
+        merge_fn = merge
+    elif merge in _MERGES:
+        merge_fn = _MERGES[merge]
+    else:
+        raise ValueError(
+            f"bidirectional: merge must be one of {sorted(_MERGES)} or a callable, got {merge!r}."
+        )
+
+    def init(key, input_size):
+        k_f, k_b = jax.random.split(key)
+        return {"fwd": fwd_cell.init(k_f, input_size), "bwd": bwd_cell.init(k_b, input_size)}
+
+    def _check(params):
+        if not isinstance(params, dict) or set(params) != {"fwd", "bwd"}:
+            got = sorted(params) if isinstance(params, dict) else type(params).__name__
+            raise ValueError(f"bidirectional: params must be a dict with keys ['bwd', 'fwd'], got {got}.")
+
+    def initial_carry(params, batch_shape=()):
+        _check(params)
+        return BiCarry(
+            fwd_cell.initial_carry(params["fwd"], batch_shape),
+            bwd_cell.initial_carry(params["bwd"], batch_shape),
+        )
+
+    def apply(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None):
+        del key
+        _check(params)
+        if carry is not None and (not isinstance(carry, tuple) or len(carry) != 2):
+            raise ValueError("bidirectional: carry must be a BiCarry(fwd, bwd) (or None for zeros).")
+        c_f, c_b = (None, None) if carry is None else carry
+        h_f, y_f = unroll(fwd_cell, params["fwd"], xs, carry=c_f, lengths=lengths, time_axis=time_axis)
+        h_b, y_b = unroll(
+            bwd_cell, params["bwd"], xs, carry=c_b, lengths=lengths, time_axis=time_axis, reverse=True
+        )
+        ys = merge_fn(y_f, y_b)
+        if lengths is not None and merge_fn not in _MERGES.values():
+            m = _time_mask(lengths, ys, time_axis)
+            ys = jnp.where(m[..., None], ys, jnp.zeros_like(ys))
+        return BiCarry(h_f, h_b), ys
+
+    H = fwd_cell.meta.hidden_size if fwd_cell.meta is not None else 0
+    meta = CellMeta("bidirectional", H, {"fwd": fwd_cell, "bwd": bwd_cell, "merge": merge})
+    return Layer(init, apply, initial_carry, meta)
+
+
+def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Layer:
+    r"""Chain sequence layers, layer by layer: layer ``l`` reads the whole output sequence of
+    layer ``l - 1``.
+
+    ``ys^0 = xs``, ``(carry^l, ys^l) = layers[l].apply(params[l], drop(ys^{l-1}))``; the
+    output is ``ys^L``. This is how PyTorch's multi-layer ``nn.RNN/LSTM/GRU`` compute (with
+    ``bidirectional=True`` every layer is a ``bidirectional`` layer). For purely causal
+    layers ``stack(cells)`` gives the same numbers in one scan.
+
+    Params: a tuple, one entry per layer. Carry: a tuple of the layers' carries.
+
+    Args:
+      layers: ``Layer``s (a ``Cell`` is wrapped with ``as_layer``).
+      dropout: rate in ``[0, 1)`` of standard dropout on the outputs of every layer but the
+        last: an independent mask per sequence, step and unit (PyTorch's ``dropout``).
+
+    Returns:
+      A ``Layer`` whose ``apply(params, xs, *, carry=None, lengths=None, time_axis=-2,
+      key=None, deterministic=False)`` needs ``key`` when ``dropout > 0`` unless
+      ``deterministic=True`` (evaluation: no dropout). Sub-layers receive keys split from
+      ``key``.
+
+    Example::
+
+      net = stack_layers([bidirectional(seqjax.gru(32)), bidirectional(seqjax.gru(32))])
+      params = net.init(jax.random.key(0), input_size=8)
+      carries, ys = net.apply(params, xs, lengths=lens)        # ys: (B, T, 64)
+    """
+    layers = tuple(as_layer(layer) for layer in layers)
+    if not layers:
+        raise ValueError("stack_layers: layers must hold at least one Layer or Cell.")
+    rate = _check_rate(dropout)
+    L = len(layers)
+
+    def init(key, input_size):
+        ks = jax.random.split(key, L)
+        params = []
+        size = input_size
+        for layer, k in zip(layers, ks, strict=True):
+            p = layer.init(k, size)
+            params.append(p)
+            size = output_size(layer, p, size)
+        return tuple(params)
+
+    def initial_carry(params, batch_shape=()):
+        _check_layers_params(params, L, "stack_layers")
+        return tuple(layer.initial_carry(p, batch_shape) for layer, p in zip(layers, params, strict=True))
+
+    def apply(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None, deterministic=False):
+        _check_layers_params(params, L, "stack_layers")
+        if carry is not None:
+            _check_carry_tuple(carry, L, "stack_layers")
+        if deterministic:
+            key = None
+        elif rate and key is None:
+            raise ValueError(
+                "stack_layers: dropout > 0 needs key=jax.random.key(...) in apply "
+                "(or deterministic=True for evaluation)."
+            )
+        keys = [None] * (2 * L) if key is None else list(jax.random.split(key, 2 * L))
+        finals = []
+        ys = xs
+        for l, (layer, p) in enumerate(zip(layers, params, strict=True)):
+            if l and rate and key is not None:
+                ys = ys * _keep_mask(keys[2 * l], rate, ys.shape, ys.dtype)
+            c = None if carry is None else carry[l]
+            h, ys = layer.apply(p, ys, carry=c, lengths=lengths, time_axis=time_axis, key=keys[2 * l + 1])
+            finals.append(h)
+        return tuple(finals), ys
+
+    last = layers[-1].meta
+    meta = CellMeta("stack_layers", last.hidden_size if last else 0, {"layers": layers, "dropout": rate})
+    return Layer(init, apply, initial_carry, meta)
+
+
+# --------------------------------------------------------------------------- pointwise maps
+
+
+def dense(
+    features: int,
+    *,
+    use_bias: bool = True,
+    kernel_init: Callable | None = None,
+    bias_init: Callable | None = None,
+) -> Pointwise:
+    r"""Per-step affine readout ``o_t = y_t W + b``.
+
+    Params: ``{"w": (I, O), "b": (O,)}`` (no ``b`` when ``use_bias=False``). Default
+    initialisation: PyTorch's ``nn.Linear``, ``U(-1/sqrt(I), 1/sqrt(I))`` for both.
+
+    Args:
+      features: ``O``.
+      use_bias: include ``b``.
+      kernel_init, bias_init: initialisers ``(key, shape, dtype) -> array``.
+
+    Returns:
+      A ``Pointwise`` whose ``apply(params, y)`` maps ``(..., I) -> (..., O)``.
+    """
+    O = _as_int(features, "features")
+
+    def init(key, input_size):
+        I = _as_int(input_size, "input_size")
+        default = inits.uniform(1.0 / float(np.sqrt(I)))
+        k_w, k_b = jax.random.split(key)
+        w = (kernel_init or default)(k_w, (I, O), jnp.float32)
+        if not use_bias:
+            return {"w": w}
+        return {"w": w, "b": (bias_init or default)(k_b, (O,), jnp.float32)}
+
+    def apply(params, y):
+        w = params["w"]
+        if y.ndim < 1 or y.shape[-1] != w.shape[0]:
+            raise ValueError(
+                f"dense: input has shape {tuple(y.shape)} but the params expect (..., {w.shape[0]}) features."
+            )
+        out = y @ w
+        if "b" in params:
+            out = out + params["b"].reshape((1,) * (out.ndim - 1) + (O,))
+        return out
+
+    return Pointwise(init, apply)
+
+
+def embedding(num_embeddings: int, features: int, *, init_scale: float = 1.0) -> Pointwise:
+    """Token embedding: ``apply(params, ids)`` returns ``params["table"][ids]``.
+
+    Params: ``{"table": (V, E)}`` initialised ``N(0, init_scale^2)`` (PyTorch's
+    ``nn.Embedding``). ``init``'s ``input_size`` is ignored (pass ``V`` or anything).
+
+    Args:
+      num_embeddings: vocabulary size ``V``.
+      features: ``E``.
+      init_scale: standard deviation of the initial entries.
+
+    Returns:
+      A ``Pointwise`` mapping integer ``(...)`` to ``(..., E)``.
+    """
+    V = _as_int(num_embeddings, "num_embeddings")
+    E = _as_int(features, "features")
+
+    def init(key, input_size=None):
+        del input_size
+        return {"table": init_scale * jax.random.normal(key, (V, E), jnp.float32)}
+
+    def apply(params, ids):
+        ids = jnp.asarray(ids)
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"embedding: ids must be integers, got dtype {ids.dtype}.")
+        return jnp.take(params["table"], ids, axis=0)
+
+    return Pointwise(init, apply)
