@@ -85,7 +85,9 @@ def check_params(cell: Cell, params: Any, input_size: int) -> None:
         )
 
 
-def check_carry(cell: Cell, params: Any, carry: Any, batch_shape: tuple[int, ...], name: str = "carry") -> None:
+def check_carry(
+    cell: Cell, params: Any, carry: Any, batch_shape: tuple[int, ...], *, name: str = "carry"
+) -> None:
     """Raise ``ValueError`` unless ``carry`` matches ``cell.initial_carry(params, batch_shape)``
     in tree structure, shapes and dtypes."""
     expected = jax.eval_shape(lambda p: cell.initial_carry(p, batch_shape), params)
@@ -110,7 +112,7 @@ def check_carry(cell: Cell, params: Any, carry: Any, batch_shape: tuple[int, ...
             )
 
 
-def sequence_mask(lengths: jax.Array, max_len: int, time_axis: int = -1) -> jax.Array:
+def sequence_mask(lengths: jax.Array, max_len: int, *, time_axis: int = -1) -> jax.Array:
     """Boolean mask ``(*batch, max_len)``: ``mask[..., t] = t < lengths[...]``.
 
     Args:
@@ -187,6 +189,44 @@ def _check_rate(rate, name):
         raise ValueError(f"{name} must lie in [0, 1), got {rate}.")
 
 
+# --------------------------------------------------------------------------- the time scan
+
+
+def _time_scan(body, init, xs, *, reverse=False, unroll=1):
+    """The one ``jax.lax.scan`` over time in seqjax (private; ``seqjax.bptt``'s fused kernels
+    scan through it too). ``xs`` leaves are time-major; ``None`` leaves are allowed."""
+    return jax.lax.scan(body, init, xs, reverse=reverse, unroll=unroll)
+
+
+_BPTT_MODES = ("auto", "fused", "autodiff")
+
+
+def _check_bptt_options(bptt, truncate, remat, T):
+    if bptt not in _BPTT_MODES:
+        raise ValueError(f"bptt must be one of {_BPTT_MODES}, got {bptt!r}.")
+    if truncate is not None and (
+        not isinstance(truncate, (int, np.integer)) or isinstance(truncate, bool) or truncate < 1
+    ):
+        raise ValueError(f"truncate must be None or a positive integer (steps), got {truncate!r}.")
+    if remat in (False, None, True, "step"):
+        return
+    if not isinstance(remat, (int, np.integer)) or isinstance(remat, bool) or remat < 1:
+        raise ValueError(
+            f"remat must be False, True / 'step' (checkpoint every step) or a positive integer k "
+            f"(checkpoint segments of k steps), got {remat!r}."
+        )
+
+
+def _keep_flags(T, truncate, reverse, dtype):
+    """``(T,)`` in time order: 0 where the gradient through the carry entering step t is cut
+    (scan position s = 1..T-1 with s % truncate == 0; s counts in scan order), else 1."""
+    s = np.arange(T)
+    if reverse:
+        s = T - 1 - s
+    keep = ~((s % truncate == 0) & (s > 0))
+    return jnp.asarray(keep, dtype)
+
+
 # --------------------------------------------------------------------------- unroll
 
 
@@ -207,6 +247,9 @@ def unroll(
     recurrent_dropout: float = 0.0,
     key: jax.Array | None = None,
     unroll: int | bool = 1,
+    bptt: str = "auto",
+    truncate: int | None = None,
+    remat: bool | int | str = False,
 ):
     r"""Run ``cell`` over a sequence with ``jax.lax.scan``.
 
@@ -252,6 +295,23 @@ def unroll(
       input_dropout, recurrent_dropout: dropout rates in ``[0, 1)``.
       key: PRNG key for dropout.
       unroll: passed to ``lax.scan``.
+      bptt: how gradients are computed. ``"auto"`` (default): the fused BPTT kernel of
+        ``seqjax.bptt`` (a ``jax.custom_vjp`` written from the BPTT equations, faster and
+        with fewer residuals) for built-in ``rnn``/``lstm``/``gru`` cells whenever the other
+        options allow it (everything except ``return_gates``, ``recurrent_dropout`` and
+        ``remat``), else autodiff of the plain scan. ``"fused"``: the kernel or a
+        ``ValueError`` saying why not. ``"autodiff"``: always ``jax.grad`` through the plain
+        scan (needed for forward-mode ``jax.jvp``/``jax.jacfwd``/``jax.hessian``, which a
+        ``custom_vjp`` does not support; ``jax.grad`` of ``jax.grad`` works on both paths).
+      truncate: truncated BPTT: the gradient through the carry is stopped every ``truncate``
+        steps (``stop_gradient`` on the carry entering scan positions ``k, 2k, ...``; the
+        initial carry still gets the gradient of the first ``k`` steps). Forward values are
+        unchanged.
+      remat: rematerialisation for long sequences (autodiff path). ``True`` or ``"step"``:
+        checkpoint the step body (residuals per step: the carry only). An integer ``k``:
+        checkpoint segments of ``k`` steps (an outer scan over ``ceil(T/k)`` segments whose
+        body is a checkpointed inner scan; memory ``O(T/k + k)`` carries, about one extra
+        forward pass of compute; ``k ~ sqrt(T)`` minimises memory).
 
     Returns:
       ``(final_carry, ys)``, or ``(final_carry, ys, UnrollAux(carries, gates))`` when
@@ -319,7 +379,10 @@ def unroll(
                 field,
                 jax.tree_util.tree_unflatten(
                     treedef,
-                    [_dropout_mask(k, recurrent_dropout, leaf.shape, leaf.dtype) for k, leaf in zip(ks, leaves)],
+                    [
+                        _dropout_mask(k, recurrent_dropout, leaf.shape, leaf.dtype)
+                        for k, leaf in zip(ks, leaves)
+                    ],
                 ),
             )
 
@@ -331,8 +394,53 @@ def unroll(
             return c._replace(**{field: jax.tree_util.tree_map(jnp.multiply, getattr(c, field), m)})
         return jax.tree_util.tree_map(jnp.multiply, c, m)
 
+    _check_bptt_options(bptt, truncate, remat, T)
+    c_leaves = jax.tree_util.tree_leaves(carry0)
+    f_dtype = jnp.result_type(*c_leaves) if c_leaves else xs.dtype
+    keep = None if truncate is None or T == 0 else _keep_flags(T, truncate, reverse, f_dtype)
+
+    def back(a):
+        return jnp.moveaxis(a, 0, ta)
+
+    if bptt != "autodiff":
+        from seqjax import bptt as _bptt  # imported here: seqjax.bptt imports this module
+
+        why = []
+        if not _bptt.fused_supported(cell):
+            why.append("the cell has no fused kernel (see seqjax.bptt.fused_supported)")
+        if return_gates:
+            why.append("return_gates=True")
+        if recurrent_dropout:
+            why.append("recurrent_dropout")
+        if remat not in (False, None):
+            why.append("remat")
+        if T == 0:
+            why.append("T = 0")
+        if not why:
+            final, ys, carries = _bptt._fused_unroll(
+                cell,
+                params,
+                xs_tm,
+                carry0,
+                flags,
+                rs,
+                keep,
+                reverse=reverse,
+                unroll_k=unroll,
+                x_mask=x_mask,
+                all_c=return_carries,
+            )
+            ys = back(ys)
+            if not return_carries:
+                return final, ys
+            return final, ys, UnrollAux(jax.tree_util.tree_map(back, carries), None)
+        if bptt == "fused":
+            raise ValueError(f"bptt='fused' is not available here: {'; '.join(why)}. Use bptt='auto'.")
+
     def body(c, inp):
-        x, m, r = inp
+        x, m, r, k = inp
+        if k is not None:  # truncated BPTT: cut the gradient through the carry here
+            c = jax.tree_util.tree_map(lambda a: jnp.where(k > 0, a, jax.lax.stop_gradient(a)), c)
         if r is not None:
             c = _select(r, carry0, c)
         c_in = drop_carry(c)
@@ -347,10 +455,36 @@ def unroll(
         out = (y, c_new if return_carries else None, g)
         return c_new, out
 
-    final, (ys, carries, gates) = jax.lax.scan(body, carry0, (xs_tm, flags, rs), reverse=reverse, unroll=unroll)
+    inputs = (xs_tm, flags, rs, keep)
+    if remat in (False, None):
+        final, (ys, carries, gates) = _time_scan(body, carry0, inputs, reverse=reverse, unroll=unroll)
+    elif remat is True or remat == "step":
+        final, (ys, carries, gates) = _time_scan(
+            jax.checkpoint(body), carry0, inputs, reverse=reverse, unroll=unroll
+        )
+    else:  # segments of k steps, each a checkpointed inner scan
+        k = int(remat)
+        n = -(-T // k)
+        pad = n * k - T
+        if pad:  # padded steps come last in time order and leave the carry unchanged
+            valid = jnp.arange(n * k).reshape((n * k,) + (1,) * len(batch_shape)) < T
+            valid = jnp.broadcast_to(valid, (n * k,) + batch_shape)
 
-    def back(a):
-        return jnp.moveaxis(a, 0, ta)
+            def pad_t(a, fill=0):
+                if a is None:
+                    return None
+                return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+
+            flags_p = valid if flags is None else valid & pad_t(flags, False)
+            inputs = (pad_t(xs_tm), flags_p, pad_t(rs, False), pad_t(keep, 1))
+        inputs = jax.tree_util.tree_map(lambda a: a.reshape((n, k) + a.shape[1:]), inputs)
+
+        @jax.checkpoint
+        def segment(c, seg):
+            return _time_scan(body, c, seg, reverse=reverse, unroll=unroll)
+
+        final, outs = _time_scan(segment, carry0, inputs, reverse=reverse)
+        ys, carries, gates = jax.tree_util.tree_map(lambda a: a.reshape((n * k,) + a.shape[2:])[:T], outs)
 
     ys = jax.tree_util.tree_map(back, ys)
     if not (return_carries or return_gates):
@@ -403,4 +537,3 @@ def learnable_carry(cell: Cell, init: Callable | None = None) -> Cell:
 
     H = cell.meta.hidden_size if cell.meta is not None else 0
     return Cell(init_fn, initial_carry, step, gates, CellMeta("learnable_carry", H, {"inner": cell}))
-
