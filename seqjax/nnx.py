@@ -1,0 +1,472 @@
+"""Flax NNX modules over seqjax cells: drop seqjax into an ``nnx.Module`` model.
+
+Each module holds the functional params of its cell as ``nnx.Param`` attributes with the
+same names and layouts (``module.w_x``, ``module.w_h``, ``module.b``, ...) and runs through
+``seqjax.unroll``, so it equals the functional API given the same weights, and every
+``unroll`` feature (lengths, masks, resets, reversal, dropout, carries) is available::
+
+    from flax import nnx
+    import seqjax.nnx as sjnn
+
+    lstm = sjnn.LSTM(8, 32, rngs=nnx.Rngs(0))
+    carry, ys = lstm(xs)                       # xs: (B, T, 8) -> ys: (B, T, 32)
+    params = lstm.to_params()                  # {"w_x": (8, 128), "w_h": (32, 128), "b": (128,)}
+    same = sjnn.LSTM.from_params(params)       # and back
+
+The GRU follows PyTorch's convention (``b_h``'s ``n`` block sits inside the reset product),
+so weights ported from ``torch.nn.GRU`` reproduce PyTorch. Flax's own ``nnx.GRUCell`` has no
+hidden-side bias inside the reset product, so ported PyTorch GRU weights do not reproduce
+PyTorch there.
+
+Modules:
+  ``Recurrent``: any ``seqjax.Cell``. ``RNN``, ``LSTM``, ``GRU``: the built-in cells.
+  ``Bidirectional``: two recurrent modules, one run backward in time, outputs merged.
+  ``Stack``: layers applied in sequence (the outputs of one are the inputs of the next).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seqjax import layers as _layers
+from seqjax.cells import Cell, gru, lstm, rnn
+from seqjax.unroll import check_params, unroll
+
+__all__ = ["Recurrent", "RNN", "LSTM", "GRU", "Bidirectional", "Stack"]
+
+_RESERVED = {"cell", "input_size", "hidden_size", "param_tree"}
+
+
+def _is_flat(params: Any) -> bool:
+    return isinstance(params, Mapping) and all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, (jax.Array, jnp.ndarray))
+        for k, v in params.items()
+    )
+
+
+class Recurrent(nnx.Module):
+    """Any ``seqjax.Cell`` as an NNX module, its params held as ``nnx.Param``.
+
+    A flat params dict (every built-in cell) becomes one ``nnx.Param`` attribute per key
+    (``module.w_x`` ...); any other params pytree is held as ``module.param_tree`` with
+    ``nnx.Param`` leaves.
+
+    Args:
+      cell: the ``Cell``.
+      input_size: ``I``, the number of input features.
+      rngs: ``nnx.Rngs``; its ``params`` stream seeds ``cell.init``. Needed unless ``params``.
+      params: functional params to hold instead of initialising (checked against the cell).
+
+    Example::
+
+      mod = Recurrent(seqjax.mgu(16), 4, rngs=nnx.Rngs(0))
+      carry, ys = mod(xs)   # == seqjax.unroll(seqjax.mgu(16), mod.to_params(), xs)
+    """
+
+    def __init__(self, cell: Cell, input_size: int, *, rngs: nnx.Rngs | None = None, params: Any = None):
+        if not isinstance(cell, Cell):
+            raise TypeError(f"cell must be a seqjax.Cell, got {type(cell).__name__}.")
+        if params is None:
+            if rngs is None:
+                raise ValueError("Recurrent: pass rngs=nnx.Rngs(seed) to initialise, or params=... to wrap.")
+            params = cell.init(rngs.params(), input_size)
+        else:
+            check_params(cell, params, input_size)
+        self.cell = cell
+        self.input_size = int(input_size)
+        self.hidden_size = int(cell.meta.hidden_size) if cell.meta is not None else None
+        if _is_flat(params) and not (set(params) & (_RESERVED | set(dir(type(self))))):
+            self._keys = tuple(params)
+            for k, v in params.items():
+                setattr(self, k, nnx.Param(jnp.asarray(v)))
+        else:
+            self._keys = None
+            self.param_tree = nnx.data(jax.tree_util.tree_map(lambda a: nnx.Param(jnp.asarray(a)), params))
+
+    @classmethod
+    def wrap(cls, cell: Cell, params: Any) -> Recurrent:
+        """A ``Recurrent`` holding ``params`` (functional params of ``cell``); input size read
+        from ``params["w_x"]`` / ``params["w"]`` or found by ``check_params``-compatible probing.
+
+        Args:
+          cell: the ``Cell``.
+          params: its params.
+
+        Returns:
+          ``Recurrent(cell, input_size, params=params)``.
+        """
+        return Recurrent(cell, _input_size_of(cell, params), params=params)
+
+    def to_params(self) -> Any:
+        """The functional params (plain arrays, same keys and layouts as ``cell.init``)."""
+        if self._keys is not None:
+            return {k: getattr(self, k)[...] for k in self._keys}
+        return jax.tree_util.tree_map(
+            lambda v: v[...], self.param_tree, is_leaf=lambda v: isinstance(v, nnx.Variable)
+        )
+
+    def as_layer(self) -> _layers.Layer:
+        """The functional layer, ``seqjax.layers.as_layer(cell)`` (for ``Stack``)."""
+        return _layers.as_layer(self.cell)
+
+    def initial_carry(self, batch_shape: int | tuple[int, ...] = ()) -> Any:
+        """``cell.initial_carry(params, batch_shape)``: zeros, leaves ``(*batch_shape, ...)``."""
+        return self.cell.initial_carry(self.to_params(), batch_shape)
+
+    def __call__(
+        self,
+        xs: jax.Array,
+        *,
+        carry: Any = None,
+        lengths: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        resets: jax.Array | None = None,
+        reverse: bool = False,
+        time_axis: int = -2,
+        return_carries: bool = False,
+        return_gates: bool = False,
+        input_dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        key: jax.Array | None = None,
+    ):
+        """Run the cell over ``xs``: ``seqjax.unroll(cell, self.to_params(), xs, ...)``.
+
+        Args:
+          xs: ``(*batch, T, I)`` (or time-major with ``time_axis=0``).
+          carry, lengths, mask, resets, reverse, time_axis, return_carries, return_gates,
+            input_dropout, recurrent_dropout, key: as in ``seqjax.unroll``.
+
+        Returns:
+          ``(carry, ys)`` with ``ys: (*batch, T, H)``, or ``(carry, ys, UnrollAux)`` when
+          ``return_carries`` or ``return_gates``.
+        """
+        return unroll(
+            self.cell,
+            self.to_params(),
+            xs,
+            carry=carry,
+            lengths=lengths,
+            mask=mask,
+            resets=resets,
+            reverse=reverse,
+            time_axis=time_axis,
+            return_carries=return_carries,
+            return_gates=return_gates,
+            input_dropout=input_dropout,
+            recurrent_dropout=recurrent_dropout,
+            key=key,
+        )
+
+
+def _input_size_of(cell: Cell, params: Any) -> int:
+    if isinstance(params, Mapping):
+        if (
+            "w_x" in params
+            and cell.meta is not None
+            and cell.meta.kind in ("rnn", "lstm", "gru", "mgu", "janet")
+        ):
+            return int(params["w_x"].shape[0])
+        if "w" in params and cell.meta is not None and cell.meta.kind == "tdnn":
+            return int(params["w"].shape[0]) // int(cell.meta.options["window"])
+        if "w_x" in params and cell.meta is not None and cell.meta.kind == "narx":
+            return int(params["w_x"].shape[0]) // int(cell.meta.options["window"])
+    raise ValueError(
+        "cannot read the input size from these params; use Recurrent(cell, input_size, params=params)."
+    )
+
+
+def _params_arg(params, rngs, name):
+    if params is None and rngs is None:
+        raise ValueError(
+            f"{name}: pass rngs=nnx.Rngs(seed) to initialise, or use {name}.from_params(params)."
+        )
+    return params
+
+
+class RNN(Recurrent):
+    r"""Elman RNN module: ``h_t = f(x_t W_x + h_{t-1} W_h + b)`` (``seqjax.rnn``).
+
+    Params (``nnx.Param``): ``w_x: (I, H)``, ``w_h: (H, H)``, ``b: (H,)``, and ``b_h: (H,)``
+    with ``hidden_bias=True``.
+
+    Args:
+      input_size: ``I``.
+      hidden_size: ``H``.
+      activation, hidden_bias, kernel_init, recurrent_init, bias_init: as in ``seqjax.rnn``.
+      rngs: ``nnx.Rngs`` (its ``params`` stream).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        activation: str | Callable = "tanh",
+        hidden_bias: bool = False,
+        kernel_init=None,
+        recurrent_init=None,
+        bias_init=None,
+        rngs: nnx.Rngs | None = None,
+        params: Any = None,
+    ):
+        cell = rnn(
+            hidden_size,
+            activation=activation,
+            hidden_bias=hidden_bias,
+            kernel_init=kernel_init,
+            recurrent_init=recurrent_init,
+            bias_init=bias_init,
+        )
+        super().__init__(cell, input_size, rngs=rngs, params=_params_arg(params, rngs, "RNN"))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, jax.Array], *, activation: str | Callable = "tanh") -> RNN:
+        """An ``RNN`` holding functional ``seqjax.rnn`` params (sizes read from ``w_x: (I, H)``)."""
+        I, H = params["w_x"].shape
+        return cls(I, H, activation=activation, hidden_bias="b_h" in params, params=dict(params))
+
+
+class LSTM(Recurrent):
+    r"""LSTM module (``seqjax.lstm``): gates ``i, f, g, o`` from one fused map,
+    ``c_t = f * c_{t-1} + i * g``, ``h_t = o * tanh(c_t)``; carry ``LSTMState(h, c)``.
+
+    Params (``nnx.Param``): ``w_x: (I, 4H)``, ``w_h: (P, 4H)``, ``b: (4H,)``, optional
+    ``b_h: (4H,)`` and ``w_p: (H, P)``; gate order ``i, f, g, o`` (PyTorch's).
+
+    Args:
+      input_size: ``I``.
+      hidden_size: ``H``.
+      proj_size, forget_bias, hidden_bias, kernel_init, recurrent_init, bias_init: as in
+        ``seqjax.lstm``.
+      rngs: ``nnx.Rngs`` (its ``params`` stream).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        proj_size: int = 0,
+        forget_bias: float = 0.0,
+        hidden_bias: bool = False,
+        kernel_init=None,
+        recurrent_init=None,
+        bias_init=None,
+        rngs: nnx.Rngs | None = None,
+        params: Any = None,
+    ):
+        cell = lstm(
+            hidden_size,
+            proj_size=proj_size,
+            forget_bias=forget_bias,
+            hidden_bias=hidden_bias,
+            kernel_init=kernel_init,
+            recurrent_init=recurrent_init,
+            bias_init=bias_init,
+        )
+        super().__init__(cell, input_size, rngs=rngs, params=_params_arg(params, rngs, "LSTM"))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, jax.Array]) -> LSTM:
+        """An ``LSTM`` holding functional ``seqjax.lstm`` params (sizes read from the arrays)."""
+        I = params["w_x"].shape[0]
+        H = params["b"].shape[0] // 4
+        P = params["w_p"].shape[1] if "w_p" in params else 0
+        return cls(I, H, proj_size=P, hidden_bias="b_h" in params, params=dict(params))
+
+
+class GRU(Recurrent):
+    r"""GRU module in PyTorch's convention (``seqjax.gru``)::
+
+        r = sigmoid(x W_xr + b_r + h W_hr + b_hr)
+        z = sigmoid(x W_xz + b_z + h W_hz + b_hz)
+        n = tanh(x W_xn + b_n + r * (h W_hn + b_hn))
+        h_t = (1 - z) * n + z * h_{t-1}
+
+    Params (``nnx.Param``): ``w_x: (I, 3H)``, ``w_h: (H, 3H)``, ``b: (3H,)``, ``b_h: (3H,)``,
+    gate order ``r, z, n``. Porting ``torch.nn.GRU``: ``w_x = weight_ih_l0.T``,
+    ``w_h = weight_hh_l0.T``, ``b = bias_ih_l0``, ``b_h = bias_hh_l0``. (Flax's ``nnx.GRUCell``
+    lacks ``b_hn`` inside the reset product, so it cannot reproduce such weights.)
+
+    Args:
+      input_size: ``I``.
+      hidden_size: ``H``.
+      kernel_init, recurrent_init, bias_init: as in ``seqjax.gru``.
+      rngs: ``nnx.Rngs`` (its ``params`` stream).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        kernel_init=None,
+        recurrent_init=None,
+        bias_init=None,
+        rngs: nnx.Rngs | None = None,
+        params: Any = None,
+    ):
+        cell = gru(hidden_size, kernel_init=kernel_init, recurrent_init=recurrent_init, bias_init=bias_init)
+        super().__init__(cell, input_size, rngs=rngs, params=_params_arg(params, rngs, "GRU"))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, jax.Array]) -> GRU:
+        """A ``GRU`` holding functional ``seqjax.gru`` params (sizes read from the arrays)."""
+        return cls(params["w_x"].shape[0], params["b"].shape[0] // 3, params=dict(params))
+
+
+class Bidirectional(nnx.Module):
+    r"""Two independent recurrent modules, one run forward in time and one backward
+    (``seqjax.layers.bidirectional``).
+
+    ``s_t = fwd(xs)_t``, ``s'_t = bwd(xs, reverse=True)_t`` and ``y_t = merge(s_t, s'_t)``:
+    concatenation (default, ``(*batch, T, H + H')``), ``"sum"``, ``"mean"``, ``"mul"`` or a
+    callable ``(y_fwd, y_bwd) -> y``. With ``lengths`` the backward module reads each
+    sequence from its own last step (as PyTorch's packed sequences).
+
+    Params: ``{"fwd": ..., "bwd": ...}`` (``to_params``), exactly the params of
+    ``seqjax.layers.bidirectional(fwd.cell, bwd.cell)``. Carry: ``BiCarry(fwd, bwd)``.
+
+    Args:
+      fwd: a ``Recurrent`` module (``RNN``, ``LSTM``, ``GRU``, ...).
+      bwd: another one, with its own weights.
+      merge: as in ``seqjax.layers.bidirectional``.
+
+    Reference: Schuster & Paliwal, "Bidirectional recurrent neural networks", IEEE TSP (1997).
+    """
+
+    def __init__(self, fwd: Recurrent, bwd: Recurrent, *, merge: str | Callable = "concat"):
+        for name, m in (("fwd", fwd), ("bwd", bwd)):
+            if not isinstance(m, Recurrent):
+                raise TypeError(
+                    f"Bidirectional: {name} must be a seqjax.nnx.Recurrent module, got {type(m).__name__}."
+                )
+        self.fwd = fwd
+        self.bwd = bwd
+        self.merge = merge
+        self.as_layer()  # validates merge
+        self.input_size = fwd.input_size
+
+    def as_layer(self) -> _layers.Layer:
+        """The functional layer, ``seqjax.layers.bidirectional(fwd.cell, bwd.cell, merge=...)``."""
+        return _layers.bidirectional(self.fwd.cell, self.bwd.cell, merge=self.merge)
+
+    def to_params(self) -> dict:
+        """``{"fwd": ..., "bwd": ...}``: each direction's functional params."""
+        return {"fwd": self.fwd.to_params(), "bwd": self.bwd.to_params()}
+
+    def initial_carry(self, batch_shape: int | tuple[int, ...] = ()) -> _layers.BiCarry:
+        """``BiCarry(fwd.initial_carry(batch_shape), bwd.initial_carry(batch_shape))``."""
+        return _layers.BiCarry(self.fwd.initial_carry(batch_shape), self.bwd.initial_carry(batch_shape))
+
+    def __call__(
+        self,
+        xs: jax.Array,
+        *,
+        carry: _layers.BiCarry | None = None,
+        lengths: jax.Array | None = None,
+        time_axis: int = -2,
+    ):
+        """Run both directions and merge per step.
+
+        Args:
+          xs: ``(*batch, T, I)``.
+          carry: ``BiCarry(fwd, bwd)``; default zeros.
+          lengths, time_axis: as in ``seqjax.unroll`` (shared by both directions).
+
+        Returns:
+          ``(BiCarry(fwd, bwd), ys)``.
+        """
+        return self.as_layer().apply(self.to_params(), xs, carry=carry, lengths=lengths, time_axis=time_axis)
+
+
+class Stack(nnx.Module):
+    r"""Deep recurrent network, layer by layer: ``ys^l = layer_l(ys^{l-1})``, ``ys^0 = xs``
+    (``seqjax.layers.stack_layers``; PyTorch's multi-layer ``nn.LSTM`` computes this).
+
+    Args:
+      layers: ``Recurrent`` or ``Bidirectional`` modules, each taking the previous layer's
+        output width as its input size.
+      dropout: rate of standard dropout on the outputs of every layer but the last (a fresh
+        mask per sequence, step and unit, as ``torch.nn.LSTM(dropout=...)``).
+      rngs: ``nnx.Rngs`` whose ``dropout`` stream feeds the dropout when no ``key`` is given.
+
+    Params: a tuple, one entry per layer (``to_params``), exactly those of
+    ``stack_layers([layer.as_layer() ...])``. Carry: a tuple of the layers' carries.
+
+    Example::
+
+      rngs = nnx.Rngs(0)
+      net = Stack([LSTM(8, 32, rngs=rngs), LSTM(32, 32, rngs=rngs)])
+      carries, ys = net(xs)     # ys: (B, T, 32)
+    """
+
+    def __init__(self, layers: Sequence[nnx.Module], *, dropout: float = 0.0, rngs: nnx.Rngs | None = None):
+        if len(layers) == 0:
+            raise ValueError("Stack needs at least one layer.")
+        for i, m in enumerate(layers):
+            if not hasattr(m, "as_layer"):
+                raise TypeError(
+                    f"Stack: layers[{i}] must be a Recurrent or Bidirectional module, got {type(m).__name__}."
+                )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}.")
+        self.layers = nnx.List(list(layers))
+        self.dropout = float(dropout)
+        self.rngs = rngs if dropout else None
+        self.input_size = layers[0].input_size
+
+    def as_layer(self) -> _layers.Layer:
+        """The functional layer, ``seqjax.layers.stack_layers([...], dropout=...)``."""
+        return _layers.stack_layers([m.as_layer() for m in self.layers], dropout=self.dropout)
+
+    def to_params(self) -> tuple:
+        """``tuple(layer.to_params() for layer in layers)``."""
+        return tuple(layer.to_params() for layer in self.layers)
+
+    def initial_carry(self, batch_shape: int | tuple[int, ...] = ()) -> tuple:
+        """One initial carry per layer."""
+        return tuple(layer.initial_carry(batch_shape) for layer in self.layers)
+
+    def __call__(
+        self,
+        xs: jax.Array,
+        *,
+        carry: Sequence | None = None,
+        lengths: jax.Array | None = None,
+        time_axis: int = -2,
+        deterministic: bool = True,
+        key: jax.Array | None = None,
+    ):
+        """Run the layers in order.
+
+        Args:
+          xs: ``(*batch, T, I)``.
+          carry: a tuple with one carry per layer, or ``None`` (zeros).
+          lengths, time_axis: passed to every layer.
+          deterministic: ``True`` (default) runs without dropout; ``False`` applies it.
+          key: PRNG key for the dropout (default: a fresh key from ``rngs.dropout()``).
+
+        Returns:
+          ``(carries, ys)``: a tuple of final carries and the last layer's outputs.
+        """
+        if self.dropout and not deterministic and key is None:
+            if self.rngs is None:
+                raise ValueError(
+                    "Stack: dropout needs key=... or rngs=nnx.Rngs(dropout=...) at construction."
+                )
+            key = self.rngs.dropout()
+        return self.as_layer().apply(
+            self.to_params(),
+            xs,
+            carry=None if carry is None else tuple(carry),
+            lengths=lengths,
+            time_axis=time_axis,
+            key=key,
+            deterministic=deterministic or not self.dropout,
+        )
