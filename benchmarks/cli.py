@@ -1,0 +1,93 @@
+"""Command line of the benchmark suite.
+
+``python -m benchmarks [SUITE ...] [--quick | --tiny] [--plot] [--out DIR]``
+
+- ``SUITE``: any of ``speed``, ``memory``, ``spectrum``, ``tasks`` (default: all, in that order).
+- ``--quick``: smaller configurations and fewer repetitions (a few minutes on 2 cores).
+- ``--tiny``: toy sizes, for the test suite only (numbers mean nothing).
+- ``--plot``: also draw PNG figures (needs matplotlib).
+- ``--out DIR``: where results go (default ``benchmarks/results``).
+
+A sub-suite whose seqjax module is missing (e.g. ``seqjax.spectrum`` before it exists)
+writes a result that says so and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+import traceback
+
+from benchmarks import SUITES, common, report
+
+__all__ = ["main", "run_suite"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description="seqjax benchmark suite")
+    p.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="small sizes, few repetitions (minutes)")
+    g.add_argument("--tiny", action="store_true", help="toy sizes for tests (meaningless numbers)")
+    p.add_argument("--plot", action="store_true", help="also write PNG figures")
+    p.add_argument("--out", default=report.DEFAULT_OUT, help="output directory (default benchmarks/results)")
+    return p
+
+
+def run_suite(
+    name: str, mode: str, out_dir: str, *, plot: bool = False, command: str | None = None, log=print
+):
+    """Run one sub-suite, write its JSON and Markdown (and PNGs), return the result dict."""
+    t0 = time.perf_counter()
+    mod = None
+    try:
+        mod = importlib.import_module(f"benchmarks.{name}")
+        result = mod.run(mode, log=log)
+    except Exception as e:  # noqa: BLE001 - one broken suite must not hide the others
+        result = common.new_result(name, mode)
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc()
+        log(f"{name}: FAILED: {result['error']}")
+    result["wall_s"] = time.perf_counter() - t0
+    result["command"] = command or f"python -m benchmarks {name}" + ("" if mode == "full" else f" --{mode}")
+    if "error" in result:
+        body = f"The suite failed: `{result['error']}`\n\n```\n{result['traceback']}\n```"
+    else:
+        body = mod.to_markdown(result)
+    body += f"\n\nWall time of this suite: {result['wall_s']:.0f} s."
+    figures = []
+    if plot and "error" not in result and mod is not None and hasattr(mod, "plot"):
+        try:
+            figures = mod.plot(result, out_dir)
+        except Exception as e:  # noqa: BLE001
+            result["notes"].append(f"plotting failed: {type(e).__name__}: {e}")
+    result["figures"] = [os.path.basename(f) for f in figures]
+    jpath, mpath = report.write(result, body, out_dir)
+    log(f"{name}: wrote {jpath} and {mpath} ({result['wall_s']:.0f} s)")
+    return result
+
+
+def main(argv=None) -> int:
+    """Parse ``argv`` and run the chosen sub-suites. Returns 0, or 1 if any suite failed."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    bad = [s for s in args.suites if s not in SUITES]
+    if bad:
+        parser.error(f"unknown suite(s) {bad}; choose from {list(SUITES)}")
+    mode = "quick" if args.quick else "tiny" if args.tiny else "full"
+    suites = args.suites or list(SUITES)
+    os.makedirs(args.out, exist_ok=True)
+    command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
+    failed = False
+
+    def log(msg):
+        print(msg, flush=True)
+
+    for name in suites:
+        log(f"=== {name} ({mode}) ===")
+        res = run_suite(name, mode, args.out, plot=args.plot, command=command.strip(), log=log)
+        failed |= "error" in res
+    return 1 if failed else 0

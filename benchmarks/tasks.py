@@ -1,0 +1,753 @@
+"""Tasks: which cells learn long-range dependencies, and the Jacobian story that explains it.
+
+Synthetic tasks (``seqjax.tasks``):
+
+- adding problem at T = 50, 100, 200, 400: test MSE against the trivial predictor's 1/6,
+  and the first step whose test MSE falls below 0.01;
+- copy task: accuracy on the recalled symbols against the memoryless 1/K.
+
+Cells: tanh RNN, IRNN (ReLU, identity-initialised ``W_h``; Le et al. 2015), LSTM (forget
+bias ``LSTM_FORGET_BIAS`` = 3) and GRU, each with a linear readout (``seqjax.tasks.sequence_model``), with the
+**same parameter budget** (the hidden size of each cell chosen so its parameter count is
+closest to the LSTM's at ``H_ref``) and the **same step budget** (same number of Adam
+steps, batch size, learning rate and global-norm clipping at 1, through
+``seqjax.train.fit``).
+
+For every trained model the Jacobian story, on test sequences:
+
+- ``rho(W_h)``: spectral radius of the recurrent matrix (Elman cells: ``W_h`` is square;
+  gated cells: the mean spectral radius of the step Jacobians ``J_t`` is given instead,
+  column ``rho(J)``, for every cell);
+- ``lambda_max``: the largest Lyapunov exponent (``seqjax.spectrum.lyapunov_spectrum``,
+  ``k=1``);
+- gradient-norm ratio ``||dL/ds_1|| / ||dL/ds_T||`` (log10) of the task loss with respect to
+  the state at the first and last step, from one backward pass with zero perturbations
+  added to every step's state.
+
+Real-data table: scikit-learn digits read pixel by pixel (64 steps), statsmodels sunspots
+(one step ahead, against persistence and AR), character-level LM on standard-library
+source text (bits per character against the unigram baseline, with a sample).
+
+Seeds are fixed; the full mode runs every row with 3 seeds and reports mean ± std.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import seqjax as sj
+from benchmarks import common, report
+
+__all__ = [
+    "CELLS",
+    "settings",
+    "make_cell",
+    "hidden_for_budget",
+    "state_gradient_norms",
+    "run",
+    "to_markdown",
+    "plot",
+]
+
+CELLS = ("rnn", "irnn", "lstm", "gru")
+LABELS = {
+    "rnn": "tanh RNN",
+    "irnn": "IRNN",
+    "lstm": "LSTM",
+    "gru": "GRU",
+    "ar": "AR (least squares)",
+    "tdnn": "TDNN",
+    "narx": "NARX",
+    "persistence": "persistence",
+}
+
+
+def settings(mode: str) -> dict[str, Any]:
+    """Lengths, budgets, steps and seeds of a mode."""
+    if mode == "full":
+        return {
+            "adding_Ts": [50, 100, 200, 400],
+            "steps": 4000,
+            "batch": 64,
+            "lr": 3e-3,
+            "H_ref": 64,
+            "n_test": 1000,
+            "eval_every": 250,
+            "seeds": [0, 1, 2],
+            "copy": {"length": 10, "delay": 50, "num_symbols": 8},
+            "copy_steps": 4000,
+            "jac_seqs": 4,
+            "digits_steps": 2000,
+            "sunspot_steps": 2000,
+            "char_steps": 2000,
+            "char_hidden": 128,
+            "char_cells": ["rnn", "lstm", "gru"],
+            "cells": list(CELLS),
+            "copy_cells": list(CELLS),
+            "digits_cells": list(CELLS),
+            "sunspot_models": ("ar", "tdnn", "narx", "rnn", "lstm", "gru"),
+        }
+    if mode == "quick":
+        return {
+            "adding_Ts": [50],
+            "steps": 400,
+            "batch": 32,
+            "lr": 3e-3,
+            "H_ref": 32,
+            "n_test": 256,
+            "eval_every": 100,
+            "seeds": [0],
+            "copy": {"length": 5, "delay": 10, "num_symbols": 4},
+            "copy_steps": 400,
+            "jac_seqs": 2,
+            "digits_steps": 300,
+            "sunspot_steps": 300,
+            "char_steps": 200,
+            "char_hidden": 64,
+            "char_cells": ["lstm"],
+            "cells": list(CELLS),
+            "copy_cells": list(CELLS),
+            "digits_cells": list(CELLS),
+            "sunspot_models": ("ar", "tdnn", "narx", "rnn", "lstm", "gru"),
+        }
+    if mode == "tiny":
+        return {
+            "adding_Ts": [8],
+            "steps": 4,
+            "batch": 4,
+            "lr": 1e-3,
+            "H_ref": 4,
+            "n_test": 8,
+            "eval_every": 2,
+            "seeds": [0],
+            "copy": {"length": 2, "delay": 3, "num_symbols": 3},
+            "copy_steps": 4,
+            "jac_seqs": 2,
+            "digits_steps": 2,
+            "sunspot_steps": 2,
+            "char_steps": 2,
+            "char_hidden": 8,
+            "char_cells": ["lstm"],
+            "cells": ["rnn", "lstm"],
+            "copy_cells": ["lstm"],
+            "digits_cells": ["lstm"],
+            "sunspot_models": ("ar", "rnn"),
+        }
+    raise ValueError(f"mode must be one of {common.MODES}, got {mode!r}.")
+
+
+#: Forget-gate bias of the LSTM at initialisation (Gers et al. 2000 recommend a positive one).
+#: Calibration on the adding problem at T = 200 (batch 64, Adam, clipping at 1): with bias 1
+#: the LSTM stayed at the baseline for 3,000 steps at lr 1e-3 and 2,000 at lr 1e-2 (gradient
+#: ratio first/last step ~1e-12); with bias 3 and lr 3e-3 it solved it (MSE 0.002 at step
+#: 3,000); the GRU solved it at lr 1e-3 by step 2,000. Hence bias 3 and lr 3e-3 for all cells.
+LSTM_FORGET_BIAS = 3.0
+
+
+def make_cell(kind: str, hidden: int, *, forget_bias: float | None = None) -> sj.Cell:
+    """The task cells: tanh ``rnn``, ``irnn``, ``lstm`` (forget bias ``LSTM_FORGET_BIAS``
+    unless given), ``gru``."""
+    if kind == "rnn":
+        return sj.rnn(hidden)
+    if kind == "irnn":
+        return sj.irnn(hidden)
+    if kind == "lstm":
+        return sj.lstm(hidden, forget_bias=LSTM_FORGET_BIAS if forget_bias is None else forget_bias)
+    if kind == "gru":
+        return sj.gru(hidden)
+    raise ValueError(f"kind must be one of {CELLS}, got {kind!r}.")
+
+
+def _n_params(model) -> int:
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    return int(sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes)))
+
+
+def hidden_for_budget(kind: str, input_size: int, output_size: int, budget: int) -> tuple[int, int]:
+    """The hidden size whose model (cell + readout, ``seqjax.tasks.sequence_model``) has the
+    parameter count closest to ``budget`` (the count grows with ``H``: bisection); returns
+    ``(H, count)``."""
+    from seqjax.tasks import sequence_model
+
+    def count(H):
+        return _n_params(sequence_model(make_cell(kind, H), input_size, output_size))
+
+    lo, hi = 1, 2
+    while count(hi) < budget:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # invariant: count(lo) < budget <= count(hi), or lo == 1
+        mid = (lo + hi) // 2
+        if count(mid) < budget:
+            lo = mid
+        else:
+            hi = mid
+    return min(((H, count(H)) for H in {lo, hi}), key=lambda hc: (abs(hc[1] - budget), hc[0]))
+
+
+# --------------------------------------------------------------------------- Jacobian story
+
+
+def _flat(c):
+    return jnp.concatenate([a.reshape(a.shape[:1] + (-1,)) for a in jax.tree_util.tree_leaves(c)], axis=-1)
+
+
+def _perturbed_cell(cell: sj.Cell, S: int) -> sj.Cell:
+    """``cell`` whose input carries a state perturbation: ``x'_t = [x_t, e_t]``, and the new
+    carry is ``s_t + e_t``; the output is recomputed from the perturbed carry (``h``)."""
+    like = None
+
+    def init(key, input_size):
+        return cell.init(key, input_size - S)
+
+    def step(params, carry, xe):
+        nonlocal like
+        x, e = xe[..., :-S], xe[..., -S:]
+        new, _ = cell.step(params, carry, x)
+        leaves, treedef = jax.tree_util.tree_flatten(new)
+        out, i = [], 0
+        for a in leaves:
+            n = a.shape[-1]
+            out.append(a + e[..., i : i + n])
+            i += n
+        new = jax.tree_util.tree_unflatten(treedef, out)
+        y = new.h if isinstance(new, sj.LSTMState) else new
+        return new, y
+
+    return sj.Cell(init, cell.initial_carry, step)
+
+
+def state_gradient_norms(model, params, xs, loss_of_outputs: Callable) -> np.ndarray:
+    """``||dL/ds_t||`` for every step ``t`` (one backward pass), ``L = loss_of_outputs(outs)``
+    with ``outs = model.apply(params, xs)``; ``s_t`` the whole flattened carry (``[h, c]`` for
+    the LSTM). Returns ``(T,)`` (norms over the batch and state)."""
+    cell = model.cell
+    p_cell = params["cell"]
+    c0 = cell.initial_carry(p_cell, xs.shape[:1])
+    S = _flat(c0).shape[-1]
+    pcell = _perturbed_cell(cell, S)
+    B, T, _ = xs.shape
+
+    def loss(eps):
+        xe = jnp.concatenate([xs, eps], axis=-1)
+        _, ys = (
+            sj.unroll(pcell, p_cell, xe, bptt="autodiff")
+            if "bptt" in _unroll_kw()
+            else sj.unroll(pcell, p_cell, xe)
+        )
+        b = params["b_out"]
+        outs = ys @ params["w_out"] + b.reshape((1, 1) + b.shape)
+        return loss_of_outputs(outs)
+
+    g = jax.jit(jax.grad(loss))(jnp.zeros((B, T, S), xs.dtype))
+    return np.asarray(jnp.sqrt(jnp.sum(g * g, axis=(0, 2))))
+
+
+def _unroll_kw():
+    import inspect
+
+    return inspect.signature(sj.unroll).parameters
+
+
+def jacobian_story(kind, model, params, xs, loss_of_outputs) -> dict[str, Any]:
+    """Spectral radius of ``W_h`` (Elman cells), mean ``rho(J_t)``, ``lambda_max`` and the
+    log10 gradient-norm ratio first/last step, for a trained model on test inputs ``xs``."""
+    out: dict[str, Any] = {}
+    p_cell = params["cell"]
+    if kind in ("rnn", "irnn"):
+        out["rho_Wh"] = float(np.max(np.abs(np.linalg.eigvals(np.asarray(p_cell["w_h"], np.float64)))))
+    spec = common.optional_import("seqjax.spectrum")
+    if spec is not None:
+        J = spec.step_jacobians(model.cell, p_cell, xs).jacobians
+        out["rho_J_mean"] = float(jnp.mean(spec.spectral_radii(J)))
+        del J
+        ly = spec.lyapunov_spectrum(model.cell, p_cell, xs, k=1)
+        out["lambda_max"] = float(jnp.mean(ly.exponents[..., 0]))
+    gn = state_gradient_norms(model, params, xs, loss_of_outputs)
+    # float32 underflow: a gradient that vanished below ~1e-38 at the first step is exactly 0
+    out["grad_underflow"] = bool(gn[0] == 0.0)
+    ok = gn[0] > 0 and gn[-1] > 0
+    out["log10_grad_ratio"] = float(np.log10(gn[0]) - np.log10(gn[-1])) if ok else None
+    out["grad_norms_first_last"] = [float(gn[0]), float(gn[-1])]
+    return out
+
+
+# --------------------------------------------------------------------------- synthetic tasks
+
+
+def _train(loss, model, params, data_fn, eval_data, steps, s, key):
+    from seqjax.train import clipped_adam, fit
+
+    spc = math.gcd(steps, s["eval_every"])
+    t0 = time.perf_counter()
+    res = fit(
+        loss,
+        clipped_adam(s["lr"]),
+        params,
+        data_fn,
+        key=key,
+        steps=steps,
+        eval_data=eval_data,
+        eval_every=s["eval_every"],
+        eval_batch_size=len(eval_data[0]),
+        log_every=s["eval_every"],
+        steps_per_call=spc,
+        progress=False,
+        mesh=None,
+    )
+    return res, time.perf_counter() - t0
+
+
+def _adding_run(kind, T, seed, s, H, log):
+    from seqjax.tasks import ADDING_BASELINE_MSE, adding_problem, sequence_model
+
+    model = sequence_model(make_cell(kind, H), 2, 1)
+    key = jax.random.key(1000 * seed + T)
+    k_init, k_fit = jax.random.split(key)
+    test = adding_problem(jax.random.key(10_000 + T), s["n_test"], T)
+
+    def loss(p, batch):
+        xs, ys = batch
+        pred = model.apply(p, xs)[:, -1, 0]
+        return jnp.mean((pred - ys) ** 2)
+
+    def data(k):
+        return adding_problem(k, s["batch"], T)
+
+    res, wall = _train(loss, model, model.init(k_init), data, test, s["steps"], s, k_fit)
+    params = res.state.params
+    mse = float(jax.jit(loss)(params, test))
+    hit = next(
+        (r["step"] for r in res.history if r.get("eval_loss") is not None and r["eval_loss"] < 0.01), None
+    )
+    n = s["jac_seqs"]
+    xs_j, ys_j = test[0][:n], test[1][:n]
+    story = jacobian_story(kind, model, params, xs_j, lambda outs: jnp.mean((outs[:, -1, 0] - ys_j) ** 2))
+    log(
+        f"  adding T={T} {kind} seed={seed}: test MSE {mse:.4f} "
+        f"(baseline {ADDING_BASELINE_MSE:.3f}), {wall:.0f} s"
+    )
+    return {
+        "task": "adding",
+        "T": T,
+        "cell": kind,
+        "H": H,
+        "seed": seed,
+        "test_mse": mse,
+        "baseline": ADDING_BASELINE_MSE,
+        "steps_to_0.01": hit,
+        "wall_s": wall,
+        "steps": s["steps"],
+        "curve": [(r["step"], r.get("eval_loss")) for r in res.history],
+        **story,
+    }
+
+
+def _copy_run(kind, seed, s, H, log):
+    from seqjax.tasks import copy_task, copy_task_baseline, sequence_model
+
+    c = s["copy"]
+    L, K = c["length"], c["num_symbols"]
+    model = sequence_model(make_cell(kind, H), K + 2, K + 2)
+    key = jax.random.key(2000 * seed + 7)
+    k_init, k_fit = jax.random.split(key)
+    test = copy_task(jax.random.key(20_000), s["n_test"], **c)
+
+    def loss(p, batch):
+        xs, ys = batch
+        logp = jax.nn.log_softmax(model.apply(p, xs), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, ys[..., None], axis=-1))
+
+    def acc(p, batch):
+        xs, ys = batch
+        pred = jnp.argmax(model.apply(p, xs)[:, -L:], axis=-1)
+        return jnp.mean((pred == ys[:, -L:]).astype(jnp.float32))
+
+    def data(k):
+        return copy_task(k, s["batch"], **c)
+
+    res, wall = _train(loss, model, model.init(k_init), data, test, s["copy_steps"], s, k_fit)
+    params = res.state.params
+    a = float(jax.jit(acc)(params, test))
+    ce = float(jax.jit(loss)(params, test))
+    n = s["jac_seqs"]
+    xs_j, ys_j = test[0][:n], test[1][:n]
+
+    def recall_loss(outs):
+        logp = jax.nn.log_softmax(outs[:, -L:], axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, ys_j[:, -L:, None], axis=-1))
+
+    story = jacobian_story(kind, model, params, xs_j, recall_loss)
+    log(f"  copy {kind} seed={seed}: recall accuracy {a:.3f} (baseline {1 / K:.3f}), {wall:.0f} s")
+    return {
+        "task": "copy",
+        "T": c["delay"] + 2 * L,
+        "cell": kind,
+        "H": H,
+        "seed": seed,
+        "accuracy": a,
+        "test_ce": ce,
+        "baseline_accuracy": 1.0 / K,
+        "baseline_ce": copy_task_baseline(L, c["delay"], K),
+        "wall_s": wall,
+        "steps": s["copy_steps"],
+        **story,
+    }
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def _digits_run(kind, seed, s, H, log):
+    from seqjax.tasks import digits, sequence_model
+
+    d = digits(mode="pixels", seed=0)
+    model = sequence_model(make_cell(kind, H), 1, 10)
+    key = jax.random.key(3000 * seed + 1)
+    k_init, k_fit = jax.random.split(key)
+
+    def loss(p, batch):
+        xs, ys = batch
+        logp = jax.nn.log_softmax(model.apply(p, xs)[:, -1], axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, ys[:, None], axis=-1))
+
+    from seqjax.train import clipped_adam, fit
+
+    t0 = time.perf_counter()
+    res = fit(
+        loss,
+        clipped_adam(s["lr"]),
+        model.init(k_init),
+        (d.x_train, d.y_train),
+        key=k_fit,
+        steps=s["digits_steps"],
+        batch_size=min(64, len(d.y_train)),
+        log_every=s["digits_steps"],
+        progress=False,
+        mesh=None,
+    )
+    wall = time.perf_counter() - t0
+    logits = jax.jit(model.apply)(res.state.params, jnp.asarray(d.x_test))[:, -1]
+    accuracy = float(np.mean(np.asarray(jnp.argmax(logits, -1)) == d.y_test))
+    majority = float(np.mean(d.y_test == np.bincount(d.y_train).argmax()))
+    log(f"  digits {kind} seed={seed}: test accuracy {accuracy:.3f} (majority {majority:.3f}), {wall:.0f} s")
+    return {
+        "task": "digits (pixel by pixel, T=64)",
+        "cell": kind,
+        "H": H,
+        "seed": seed,
+        "metric": "test accuracy",
+        "value": accuracy,
+        "baseline": majority,
+        "baseline_name": "majority class",
+        "wall_s": wall,
+        "steps": s["digits_steps"],
+    }
+
+
+def _sunspot_rows(seed, s, log):
+    from seqjax.tasks import compare_sunspot_models
+
+    t0 = time.perf_counter()
+    out = compare_sunspot_models(
+        key=jax.random.key(4000 + seed), steps=s["sunspot_steps"], models=s["sunspot_models"]
+    )
+    log(f"  sunspots seed={seed}: {time.perf_counter() - t0:.0f} s")
+    rows = []
+    for name, r in out.items():
+        rows.append(
+            {
+                "task": "sunspots (1-step, 1921-1955)",
+                "cell": name,
+                "seed": seed,
+                "metric": "test NMSE",
+                "value": r["test_nmse"],
+                "test_mse": r["test_mse"],
+                "wall_s": r["seconds"],
+                "baseline": out["persistence"]["test_nmse"],
+                "baseline_name": "persistence",
+                "steps": s["sunspot_steps"],
+            }
+        )
+    return rows
+
+
+def _char_run(kind, seed, s, log):
+    from seqjax.tasks import char_corpus, sample_text, train_char_lm
+
+    corpus = char_corpus()
+    t0 = time.perf_counter()
+    cell = make_cell(kind, s["char_hidden"])
+    model, params, scores = train_char_lm(
+        corpus,
+        key=jax.random.key(5000 + seed),
+        cell=cell,
+        hidden=s["char_hidden"],
+        steps=s["char_steps"],
+        mesh=None,
+        log_every=s["char_steps"],
+    )
+    wall = time.perf_counter() - t0
+    sample = sample_text(model, params, corpus.vocab, "def ", 120, key=jax.random.key(seed), temperature=0.8)
+    log(
+        f"  char-LM {kind} seed={seed}: valid {scores['valid_bpc']:.3f} bpc (unigram "
+        f"{scores['unigram_bpc']:.3f}), {wall:.0f} s"
+    )
+    return {
+        "task": "char-LM (stdlib source)",
+        "cell": kind,
+        "H": s["char_hidden"],
+        "seed": seed,
+        "metric": "valid bits/char",
+        "value": scores["valid_bpc"],
+        "baseline": scores["unigram_bpc"],
+        "baseline_name": "unigram",
+        "wall_s": wall,
+        "steps": s["char_steps"],
+        "sample": sample,
+        "corpus": corpus.source,
+    }
+
+
+# --------------------------------------------------------------------------- suite
+
+
+def run(mode: str = "quick", *, log: Callable[[str], None] = print) -> dict:
+    """Run the task suite and return its result dict (see module docstring)."""
+    s = settings(mode)
+    result = common.new_result("tasks", mode)
+    result["settings"] = s
+    missing = [m for m in ("seqjax.tasks", "seqjax.train") if common.optional_import(m) is None]
+    if missing:
+        result["skipped"].append(f"{', '.join(missing)} missing in this checkout: the task suite needs them")
+        return result
+    if common.optional_import("seqjax.spectrum") is None:
+        result["skipped"].append("seqjax.spectrum missing: no rho(J) / lambda_max columns")
+    result["notes"].append(
+        f"Same step budget: {s['steps']} Adam steps (lr {s['lr']:g}, global-norm clipping at 1), "
+        f"batch {s['batch']}, for every cell; same parameter budget: each cell's hidden size gives the "
+        "parameter count closest to "
+        f"the LSTM's at H={s['H_ref']} (readout included). Seeds {s['seeds']}. LSTM forget-gate bias "
+        f"{LSTM_FORGET_BIAS:g} at initialisation (see benchmarks/tasks.py for the calibration behind it)."
+    )
+    result["notes"].append(
+        "Jacobian story on test sequences after training: rho(W_h) spectral radius of the recurrent matrix "
+        "(Elman cells); rho(J) mean spectral radius of the step Jacobians; lambda_max largest Lyapunov "
+        "exponent (per step); log10 ||dL/ds_1|| / ||dL/ds_T||, the gradient that reaches the first step "
+        "relative to the last."
+    )
+    from seqjax.tasks import sequence_model
+
+    # parameter budgets
+    budgets = {}
+    for task, (I, O) in {
+        "adding": (2, 1),
+        "copy": (s["copy"]["num_symbols"] + 2,) * 2,
+        "digits": (1, 10),
+    }.items():
+        ref = _n_params(sequence_model(make_cell("lstm", s["H_ref"]), I, O))
+        budgets[task] = {k: hidden_for_budget(k, I, O, ref) for k in CELLS}
+        budgets[task]["budget"] = ref
+    result["budgets"] = {
+        t: {k: (v if k == "budget" else {"H": v[0], "params": v[1]}) for k, v in b.items()}
+        for t, b in budgets.items()
+    }
+
+    for T in s["adding_Ts"]:
+        for kind in s["cells"]:
+            for seed in s["seeds"]:
+                result["rows"].append(_adding_run(kind, T, seed, s, budgets["adding"][kind][0], log))
+    for kind in s["copy_cells"]:
+        for seed in s["seeds"]:
+            result["rows"].append(_copy_run(kind, seed, s, budgets["copy"][kind][0], log))
+
+    real = []
+    for kind in s["digits_cells"]:
+        for seed in s["seeds"]:
+            try:
+                real.append(_digits_run(kind, seed, s, budgets["digits"][kind][0], log))
+            except ImportError as e:
+                result["skipped"].append(f"digits: {e}")
+                break
+    for seed in s["seeds"]:
+        try:
+            real += _sunspot_rows(seed, s, log)
+        except ImportError as e:
+            result["skipped"].append(f"sunspots: {e}")
+            break
+    for kind in s["char_cells"]:
+        for seed in s["seeds"]:
+            real.append(_char_run(kind, seed, s, log))
+    result["real_rows"] = real
+    return result
+
+
+def _group(rows, keys):
+    out: dict[tuple, list] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def _ms(rows, key, digits=3):
+    vals = [r.get(key) for r in rows if r.get(key) is not None]
+    if key == "log10_grad_ratio" and any(r.get("grad_underflow") for r in rows):
+        n = sum(bool(r.get("grad_underflow")) for r in rows)
+        return (
+            report.fmt_mean_std(vals, digits) + "; " if vals else ""
+        ) + f"underflow to 0 ({n}/{len(rows)})"
+    return report.fmt_mean_std(vals, digits)
+
+
+def to_markdown(result: dict) -> str:
+    """Synthetic-task table (with the Jacobian story) and the real-data table."""
+    rows = result["rows"]
+    if not rows:
+        return "No task rows (see Skipped)."
+    s = result["settings"]
+    n_seeds = len(s["seeds"])
+    agg = "mean ± std over seeds" if n_seeds > 1 else "one seed"
+    out = [f"Values: {agg}. Steps: {s['steps']} (adding), {s['copy_steps']} (copy); batch {s['batch']}.", ""]
+    out += ["## Adding problem (test MSE; trivial predictor 1/6 ≈ 0.167)", ""]
+    table = []
+    for (T, kind), rs in _group([r for r in rows if r["task"] == "adding"], ("T", "cell")).items():
+        hits = [r["steps_to_0.01"] for r in rs]
+        hit = (
+            "never" if all(h is None for h in hits) else ", ".join("–" if h is None else str(h) for h in hits)
+        )
+        table.append(
+            [
+                T,
+                LABELS[kind],
+                rs[0]["H"],
+                _ms(rs, "test_mse"),
+                hit,
+                _ms(rs, "wall_s", 2),
+                _ms(rs, "rho_Wh"),
+                _ms(rs, "rho_J_mean"),
+                _ms(rs, "lambda_max"),
+                _ms(rs, "log10_grad_ratio"),
+            ]
+        )
+    out.append(
+        report.markdown_table(
+            [
+                "T",
+                "cell",
+                "H",
+                "test MSE",
+                "step MSE<0.01",
+                "wall s",
+                "ρ(W_h)",
+                "ρ(J) mean",
+                "λ_max",
+                "log10 ‖∂L/∂s_1‖/‖∂L/∂s_T‖",
+            ],
+            table,
+        )
+    )
+    c = s["copy"]
+    out += [
+        "",
+        f"## Copy task (L={c['length']} symbols of K={c['num_symbols']}, delay {c['delay']}; "
+        f"accuracy on recalled symbols, memoryless 1/K = {1 / c['num_symbols']:.3f})",
+        "",
+    ]
+    table = []
+    for (kind,), rs in _group([r for r in rows if r["task"] == "copy"], ("cell",)).items():
+        table.append(
+            [
+                LABELS[kind],
+                rs[0]["H"],
+                _ms(rs, "accuracy"),
+                _ms(rs, "test_ce"),
+                report.fmt_num(rs[0]["baseline_ce"]),
+                _ms(rs, "wall_s", 2),
+                _ms(rs, "rho_Wh"),
+                _ms(rs, "rho_J_mean"),
+                _ms(rs, "lambda_max"),
+                _ms(rs, "log10_grad_ratio"),
+            ]
+        )
+    out.append(
+        report.markdown_table(
+            [
+                "cell",
+                "H",
+                "recall accuracy",
+                "CE (nats/step)",
+                "memoryless CE",
+                "wall s",
+                "ρ(W_h)",
+                "ρ(J) mean",
+                "λ_max",
+                "log10 grad ratio",
+            ],
+            table,
+        )
+    )
+    real = result.get("real_rows", [])
+    if real:
+        out += ["", "## Real data", ""]
+        table = []
+        for (task, kind), rs in _group(real, ("task", "cell")).items():
+            table.append(
+                [
+                    task,
+                    LABELS.get(kind, kind),
+                    rs[0].get("H", "–"),
+                    rs[0]["metric"],
+                    _ms(rs, "value"),
+                    f"{rs[0]['baseline_name']} {report.fmt_num(rs[0]['baseline'])}",
+                    _ms(rs, "wall_s", 2),
+                ]
+            )
+        out.append(
+            report.markdown_table(["task", "model", "H", "metric", "value", "baseline", "wall s"], table)
+        )
+        samples = [r for r in real if r.get("sample")]
+        if samples:
+            out += ["", "Samples from the character models (prompt `def `, temperature 0.8):", ""]
+            for r in samples[: len(s["char_cells"])]:
+                out += [f"{LABELS.get(r['cell'], r['cell'])}:", "", "```", r["sample"], "```", ""]
+    return "\n".join(out)
+
+
+def plot(result: dict, out_dir: str) -> list[str]:
+    """Test MSE against training step on the adding problem, one panel per T."""
+    plt = report.pyplot()
+    if plt is None:
+        return []
+    rows = [r for r in result["rows"] if r["task"] == "adding"]
+    Ts = sorted({r["T"] for r in rows})
+    if not Ts:
+        return []
+    fig, axes = plt.subplots(1, len(Ts), figsize=(4 * len(Ts), 3.5), squeeze=False)
+    for ax, T in zip(axes[0], Ts):
+        for kind in CELLS:
+            for i, r in enumerate(r for r in rows if r["T"] == T and r["cell"] == kind):
+                pts = [(st, v) for st, v in r["curve"] if v is not None]
+                if pts:
+                    ax.plot(
+                        *zip(*pts),
+                        color=f"C{CELLS.index(kind)}",
+                        alpha=0.8,
+                        label=LABELS[kind] if i == 0 else None,
+                    )
+        ax.axhline(1 / 6, color="k", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"adding, T={T}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("test MSE")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = f"{out_dir}/tasks_adding.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,238 @@
+"""Tests of the benchmark suite (``benchmarks/``).
+
+Fast tests check the pieces against independent references: the textbook scan and the
+PyTorch weight mapping against ``seqjax.unroll``, the task suite's state-gradient norms
+against the closed form of a linear RNN, the parameter-budget solver against hand counts,
+and the writers. The slow test runs ``python -m benchmarks --tiny`` end to end (every
+sub-suite, toy sizes) in a subprocess and validates the JSON files key by key.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import seqjax as sj
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import common, peers, report, speed  # noqa: E402
+from benchmarks import tasks as btasks  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", peers.KINDS)
+def test_textbook_scan_matches_unroll(kind):
+    # The textbook scan is written from the equations, independently of seqjax.cells; it is
+    # the speed suite's correctness reference, so check it (and the path the suite times,
+    # unroll's default) both ways: outputs and gradients of sum(ys**2). float32; same maths,
+    # different fusion/summation order: 1e-5 on outputs, 1e-4 on gradients over 7 steps.
+    B, T, I, H = 3, 7, 4, 5
+    cell = peers.make_cell(kind, H)
+    p = cell.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    tb = peers.textbook_apply(kind)
+    got = jax.jit(tb)(p, xs)
+    ref = sj.unroll(cell, p, xs)[1]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+    def loss(apply):
+        return lambda p, x: jnp.sum(apply(p, x) ** 2)
+
+    g_tb = jax.jit(jax.grad(loss(tb), argnums=(0, 1)))(p, xs)
+    g_sj = jax.jit(jax.grad(loss(lambda p, x: sj.unroll(cell, p, x)[1]), argnums=(0, 1)))(p, xs)
+    assert common.tree_rel_err(g_sj, g_tb) < 1e-4
+
+
+@pytest.mark.parametrize("kind", peers.KINDS)
+def test_torch_module_carries_seqjax_weights(kind):
+    torch = pytest.importorskip("torch")
+    B, T, I, H = 2, 6, 3, 4
+    cell = peers.make_cell(kind, H)
+    p = cell.init(jax.random.key(2), I)
+    xs = np.asarray(jax.random.normal(jax.random.key(3), (B, T, I)))
+    m = peers.torch_module(torch, kind, H, I, p)
+    with torch.no_grad():
+        out = m(torch.from_numpy(xs.copy()))[0].numpy()
+    ref = np.asarray(sj.unroll(cell, p, jnp.asarray(xs))[1])
+    # oneDNN vs XLA float32 kernels: 1e-5 relative to O(1) outputs.
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # gradients come back in seqjax's layout, with the same shapes
+    xg = torch.from_numpy(xs.copy()).requires_grad_(True)
+    (m(xg)[0] ** 2).sum().backward()
+    g = peers.torch_grads_as_seqjax(m, p)
+    assert {k: v.shape for k, v in g.items()} == {k: tuple(v.shape) for k, v in p.items()}
+
+
+def test_flops_formula():
+    # LSTM at medium: 2*B*T*(I+H)*4H
+    B, T, I, H = 32, 100, 64, 256
+    assert speed.flops("lstm", B, T, I, H, backward=False) == 2 * B * T * (I + H) * 4 * H
+    assert speed.flops("gru", B, T, I, H, backward=True) == 3 * 2 * B * T * (I + H) * 3 * H
+
+
+def test_stats_and_rel_err():
+    st = common.stats([3.0, 1.0, 2.0, 10.0])
+    assert st["median_s"] == 2.5 and st["min_s"] == 1.0 and st["max_s"] == 10.0 and st["reps"] == 4
+    assert common.rel_err(np.array([1.0, 2.0]), np.array([1.0, 4.0])) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        common.rel_err(np.zeros(2), np.zeros(3))
+
+
+def test_report_writers(tmp_path):
+    res = common.new_result("demo", "tiny")
+    res["rows"].append({"x": float("nan"), "y": np.float32(1.5)})
+    res["notes"].append("a note")
+    body = report.markdown_table(["a", "b"], [[1, None], ["x", 2.5]])
+    assert body.splitlines()[1] == "|---|---|"
+    j, m = report.write(res, body, str(tmp_path))
+    data = _strict_load(j)
+    assert data["rows"][0] == {"x": None, "y": 1.5}
+    with open(m) as f:
+        md = f.read()
+    assert "| 1 |  |" in md and "a note" in md and data["machine"]["cpu_model"] in md
+    assert report.fmt_time(0.0123) == "12.3 ms" and report.fmt_bytes(3 * 2**20) == "3.0 MiB"
+    assert report.fmt_mean_std([1.0, 3.0]) == "2 ± 1.4"
+
+
+def test_state_gradient_norms_linear_rnn_closed_form():
+    # Identity activation, loss L = <h_T, v> through a zero-bias readout on the last step:
+    # dL/dh_t = v (W_h^T)^(T-t) in the row-vector convention (h_t = x_t W_x + h_{t-1} W_h + b).
+    pytest.importorskip("seqjax.tasks")
+    from seqjax.tasks import sequence_model
+
+    H, I, T = 5, 2, 6
+    model = sequence_model(sj.rnn(H, activation="identity"), I, 1)
+    params = model.init(jax.random.key(0))
+    params["cell"]["w_h"] = 0.9 * params["cell"]["w_h"] / jnp.linalg.norm(params["cell"]["w_h"], 2)
+    xs = jax.random.normal(jax.random.key(1), (1, T, I))
+    v = np.asarray(params["w_out"][:, 0], np.float64)
+    got = btasks.state_gradient_norms(model, params, xs, lambda outs: jnp.sum(outs[:, -1, 0]))
+    W = np.asarray(params["cell"]["w_h"], np.float64)
+    want = [np.linalg.norm(v @ np.linalg.matrix_power(W.T, T - 1 - t)) for t in range(T)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)  # float32 vs float64 reference
+
+
+def test_hidden_for_budget_matches_hand_count():
+    pytest.importorskip("seqjax.tasks")
+    I, O = 2, 1
+    lstm_count = lambda H: 4 * H * (I + H + 1) + H * O + O  # noqa: E731
+    rnn_count = lambda H: H * (I + H + 1) + H * O + O  # noqa: E731
+    budget = lstm_count(16)
+    H, n = btasks.hidden_for_budget("lstm", I, O, budget)
+    assert (H, n) == (16, budget)
+    H, n = btasks.hidden_for_budget("rnn", I, O, budget)
+    assert n == rnn_count(H)
+    assert all(abs(rnn_count(H)) - budget <= abs(rnn_count(h) - budget) for h in (H - 1, H + 1))
+
+
+def test_cli_rejects_unknown_suite(capsys):
+    from benchmarks.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["nonsense", "--tiny"])
+    assert "unknown suite" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- end to end
+
+TIMING_KEYS = {"median_s", "min_s", "max_s", "times_s", "reps", "compile_s"}
+
+
+def _strict_load(path):
+    with open(path) as f:
+        return json.load(f, parse_constant=lambda c: pytest.fail(f"{path}: non-strict JSON constant {c}"))
+
+
+@pytest.mark.slow
+def test_suite_end_to_end_tiny(tmp_path):
+    out = tmp_path / "results"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--plot", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for suite in ("speed", "memory", "spectrum", "tasks"):
+        d = _strict_load(out / f"{suite}.json")
+        assert d["suite"] == suite and d["mode"] == "tiny" and "error" not in d
+        m = d["machine"]
+        assert {"cpu_model", "cores", "dtype", "versions", "date_utc"} <= set(m)
+        assert {"jax", "jaxlib", "flax", "torch", "equinox"} <= set(m["versions"])
+        assert m["cores"] >= 1 and m["dtype"] == "float32"
+        assert {"notes", "skipped", "checks", "rows", "wall_s", "command", "figures"} <= set(d)
+        assert d["rows"], suite
+        assert all(c["ok"] for c in d["checks"]), [c for c in d["checks"] if not c["ok"]]
+        md = (out / f"{suite}.md").read_text()
+        assert "|---" in md and d["command"] in md
+        for fig in d["figures"]:
+            assert (out / fig).stat().st_size > 0
+
+    sp = _strict_load(out / "speed.json")
+    assert {"jax", "torch"} <= set(sp["matmul_peak"]) and sp["matmul_peak"]["jax"]["gflops_best"] > 0
+    impls = {r["impl"] for r in sp["rows"]}
+    assert {
+        "seqjax",
+        "textbook lax.scan",
+        "flax LSTMCell",
+        "flax OptimizedLSTMCell",
+        "equinox LSTMCell",
+        "torch",
+    } <= impls
+    assert any(c["what"] == "gradients vs torch" for c in sp["checks"])
+    for r in sp["rows"]:
+        assert TIMING_KEYS <= set(r) and len(r["times_s"]) == r["reps"]
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert {"gflops", "ratio_median", "ratio_min", "flops", "config", "cell", "pass"} <= set(r)
+        if r["impl"] == "seqjax":
+            assert r["ratio_median"] == 1.0
+        if r["library"] != "torch" and r["pass"] == "forward+backward":
+            assert r["memory"]["peak_bytes"] > 0
+
+    mem = _strict_load(out / "memory.json")
+    for r in mem["rows"]:
+        assert r["memory"] is None or r["memory"]["peak_bytes"] > 0
+    names = {r["impl"] for r in mem["rows"]}
+    assert "seqjax (default)" in names and "textbook lax.scan" in names
+    if "remat" in peers.unroll_options():
+        assert {"seqjax remat=step", "seqjax remat=⌈√T⌉"} <= names
+
+    spec = _strict_load(out / "spectrum.json")
+    tables = {r["table"] for r in spec["rows"]}
+    assert tables == {"step_jacobians", "lyapunov"}
+    for r in spec["rows"]:
+        assert TIMING_KEYS - {"compile_s"} <= set(r) and "ratio_median" in r
+
+    tk = _strict_load(out / "tasks.json")
+    if tk["rows"]:
+        adding = [r for r in tk["rows"] if r["task"] == "adding"]
+        copy = [r for r in tk["rows"] if r["task"] == "copy"]
+        assert adding and copy
+        for r in adding:
+            assert {
+                "test_mse",
+                "baseline",
+                "steps_to_0.01",
+                "wall_s",
+                "log10_grad_ratio",
+                "H",
+                "seed",
+            } <= set(r)
+            assert math.isclose(r["baseline"], 1 / 6)
+            assert {"rho_J_mean", "lambda_max"} <= set(r)
+        assert all("rho_Wh" in r for r in adding if r["cell"] in ("rnn", "irnn"))
+        assert all({"accuracy", "baseline_accuracy"} <= set(r) for r in copy)
+        real = {r["task"].split()[0] for r in tk["real_rows"]}
+        assert {"digits", "sunspots", "char-LM"} <= real
+        assert set(tk["budgets"]) == {"adding", "copy", "digits"}
