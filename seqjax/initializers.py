@@ -208,7 +208,7 @@ def rescale_spectral_radius(w: jax.Array, radius: float) -> jax.Array:
     return (w * (radius / rho)).astype(w.dtype)
 
 
-def with_spectral_radius(radius: float, base: Initializer | None = None, gates: int = 1) -> Initializer:
+def with_spectral_radius(radius: float, base: Initializer | None = None, *, gates: int = 1) -> Initializer:
     """Wrap an initialiser so that each square gate block has spectral radius ``radius``.
 
     The usual tool of dynamics studies and echo-state networks: draw ``W`` from ``base``
