@@ -194,65 +194,17 @@ def hidden_for_budget(kind: str, input_size: int, output_size: int, budget: int)
 # --------------------------------------------------------------------------- Jacobian story
 
 
-def _flat(c):
-    return jnp.concatenate([a.reshape(a.shape[:1] + (-1,)) for a in jax.tree_util.tree_leaves(c)], axis=-1)
-
-
-def _perturbed_cell(cell: sj.Cell, S: int) -> sj.Cell:
-    """``cell`` whose input carries a state perturbation: ``x'_t = [x_t, e_t]``, and the new
-    carry is ``s_t + e_t``; the output is recomputed from the perturbed carry (``h``)."""
-    like = None
-
-    def init(key, input_size):
-        return cell.init(key, input_size - S)
-
-    def step(params, carry, xe):
-        nonlocal like
-        x, e = xe[..., :-S], xe[..., -S:]
-        new, _ = cell.step(params, carry, x)
-        leaves, treedef = jax.tree_util.tree_flatten(new)
-        out, i = [], 0
-        for a in leaves:
-            n = a.shape[-1]
-            out.append(a + e[..., i : i + n])
-            i += n
-        new = jax.tree_util.tree_unflatten(treedef, out)
-        y = new.h if isinstance(new, sj.LSTMState) else new
-        return new, y
-
-    return sj.Cell(init, cell.initial_carry, step)
-
-
 def state_gradient_norms(model, params, xs, loss_of_outputs: Callable) -> np.ndarray:
-    """``||dL/ds_t||`` for every step ``t`` (one backward pass), ``L = loss_of_outputs(outs)``
-    with ``outs = model.apply(params, xs)``; ``s_t`` the whole flattened carry (``[h, c]`` for
-    the LSTM). Returns ``(T,)`` (norms over the batch and state)."""
-    cell = model.cell
-    p_cell = params["cell"]
-    c0 = cell.initial_carry(p_cell, xs.shape[:1])
-    S = _flat(c0).shape[-1]
-    pcell = _perturbed_cell(cell, S)
-    B, T, _ = xs.shape
+    """``||dL/ds_t||`` for every step ``t`` (one backward pass, ``seqjax.bptt.gradient_norms``),
+    ``L = loss_of_outputs(outs)`` with ``outs`` the readout of every step; ``s_t`` the whole
+    carry (``(h, c)`` for the LSTM). Returns ``(T,)`` (norms over the batch and the state)."""
+    b = params["b_out"]
 
-    def loss(eps):
-        xe = jnp.concatenate([xs, eps], axis=-1)
-        _, ys = (
-            sj.unroll(pcell, p_cell, xe, bptt="autodiff")
-            if "bptt" in _unroll_kw()
-            else sj.unroll(pcell, p_cell, xe)
-        )
-        b = params["b_out"]
-        outs = ys @ params["w_out"] + b.reshape((1, 1) + b.shape)
-        return loss_of_outputs(outs)
+    def loss(ys):
+        return loss_of_outputs(ys @ params["w_out"] + b.reshape((1, 1) + b.shape))
 
-    g = jax.jit(jax.grad(loss))(jnp.zeros((B, T, S), xs.dtype))
-    return np.asarray(jnp.sqrt(jnp.sum(g * g, axis=(0, 2))))
-
-
-def _unroll_kw():
-    import inspect
-
-    return inspect.signature(sj.unroll).parameters
+    gn = jax.jit(lambda p, x: sj.gradient_norms(model.cell, p, x, loss))(params["cell"], xs)
+    return np.asarray(jnp.sqrt(jnp.sum(gn.norms**2, axis=0)))
 
 
 def jacobian_story(kind, model, params, xs, loss_of_outputs) -> dict[str, Any]:
