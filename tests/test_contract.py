@@ -141,7 +141,14 @@ def test_vmap_equals_loop_over_sequences(name):
     _assert_tree_close(sj.unroll(cell, params, xs), vmapped, **TOL32)
 
 
-@pytest.mark.parametrize("name", sorted(CELLS))
+# check_grads compiles several finite-difference programs per cell: two cells in the default
+# run (a fused built-in and the user-defined cell), every cell with --runslow.
+_FAST_GRAD_CELLS = ("lstm", "user_momentum")
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in _FAST_GRAD_CELLS else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CELLS)]
+)
 def test_check_grads_through_unroll(x64, name):
     cell, params, xs = _setup(name, jnp.float64)
     if name == "irnn":  # relu at exactly-zero preactivations has no derivative: move off the kink
