@@ -161,6 +161,18 @@ def output_size(model: Cell | Layer, params: Params, input_size: int) -> int:
     return int(out.shape[-1])
 
 
+def _init_in_sequence(models, key, input_size: int) -> tuple:
+    """Params of cells or layers applied one after another: model ``l`` is initialised for
+    the output size of model ``l - 1``; one split key per model."""
+    params = []
+    size = input_size
+    for model, k in zip(models, jax.random.split(key, len(models)), strict=True):
+        p = model.init(k, size)
+        params.append(p)
+        size = output_size(model, p, size)
+    return tuple(params)
+
+
 def _dtype_of(params) -> jnp.dtype:
     leaves = [leaf for leaf in jax.tree_util.tree_leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating)]
     return jnp.result_type(*[leaf.dtype for leaf in leaves]) if leaves else jnp.float32
@@ -250,14 +262,7 @@ def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None 
     L = len(cells)
 
     def init(key_init, input_size):
-        ks = jax.random.split(key_init, L)
-        params = []
-        size = input_size
-        for c, k in zip(cells, ks, strict=True):
-            p = c.init(k, size)
-            params.append(p)
-            size = output_size(c, p, size)
-        return tuple(params)
+        return _init_in_sequence(cells, key_init, input_size)
 
     def initial_carry(params, batch_shape=()):
         _check_layers_params(params, L, "stack")
@@ -452,14 +457,7 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
     L = len(layers)
 
     def init(key, input_size):
-        ks = jax.random.split(key, L)
-        params = []
-        size = input_size
-        for layer, k in zip(layers, ks, strict=True):
-            p = layer.init(k, size)
-            params.append(p)
-            size = output_size(layer, p, size)
-        return tuple(params)
+        return _init_in_sequence(layers, key, input_size)
 
     def initial_carry(params, batch_shape=()):
         _check_layers_params(params, L, "stack_layers")
