@@ -7,6 +7,14 @@
 - ``--tiny``: toy sizes, for the test suite only (numbers mean nothing).
 - ``--plot``: also draw PNG figures (needs matplotlib).
 - ``--out DIR``: where results go (default ``benchmarks/results``).
+- ``--jobs N`` (tasks suite): run the task jobs in ``N`` worker processes, each pinned to one
+  core (the full task table is hours of training on one process; the timing suites always
+  run alone).
+- ``--only TASK[:T][:CELL]`` (tasks suite, repeatable): run only the matching jobs, e.g.
+  ``--only adding:200`` or ``--only copy:lstm``.
+
+A long tasks run writes its files after every finished job, marked ``"partial"``, so a run that
+is stopped keeps what it did.
 
 A sub-suite whose seqjax module is missing (e.g. ``seqjax.spectrum`` before it exists)
 writes a result that says so and the run goes on.
@@ -34,25 +42,54 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--tiny", action="store_true", help="toy sizes for tests (meaningless numbers)")
     p.add_argument("--plot", action="store_true", help="also write PNG figures")
     p.add_argument("--out", default=report.DEFAULT_OUT, help="output directory (default benchmarks/results)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="tasks suite: worker processes, one core each (default 1)"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="TASK[:T][:CELL]",
+        help="tasks suite: run only these jobs (repeatable), e.g. adding:200 or copy:lstm",
+    )
     return p
 
 
 def run_suite(
-    name: str, mode: str, out_dir: str, *, plot: bool = False, command: str | None = None, log=print
+    name: str,
+    mode: str,
+    out_dir: str,
+    *,
+    plot: bool = False,
+    command: str | None = None,
+    log=print,
+    options: dict | None = None,
 ):
-    """Run one sub-suite, write its JSON and Markdown (and PNGs), return the result dict."""
+    """Run one sub-suite, write its JSON and Markdown (and PNGs), return the result dict.
+
+    ``options`` are extra keyword arguments of the suite's ``run`` (the tasks suite's ``jobs``
+    and ``only``)."""
     t0 = time.perf_counter()
     mod = None
+    command = command or f"python -m benchmarks {name}" + ("" if mode == "full" else f" --{mode}")
+    options = dict(options or {})
+    if name == "tasks":
+
+        def checkpoint(partial):
+            partial = dict(partial, wall_s=time.perf_counter() - t0, command=command, figures=[])
+            body = f"**Partial result: {partial['partial']}.**\n\n" + mod.to_markdown(partial)
+            report.write(partial, body, out_dir)
+
+        options["checkpoint"] = checkpoint
     try:
         mod = importlib.import_module(f"benchmarks.{name}")
-        result = mod.run(mode, log=log)
+        result = mod.run(mode, log=log, **options)
     except Exception as e:  # noqa: BLE001 - one broken suite must not hide the others
         result = common.new_result(name, mode)
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()
         log(f"{name}: FAILED: {result['error']}")
     result["wall_s"] = time.perf_counter() - t0
-    result["command"] = command or f"python -m benchmarks {name}" + ("" if mode == "full" else f" --{mode}")
+    result["command"] = command
     if "error" in result:
         body = f"The suite failed: `{result['error']}`\n\n```\n{result['traceback']}\n```"
     else:
@@ -79,6 +116,25 @@ def main(argv=None) -> int:
         parser.error(f"unknown suite(s) {bad}; choose from {list(SUITES)}")
     mode = "quick" if args.quick else "tiny" if args.tiny else "full"
     suites = args.suites or list(SUITES)
+    task_opts = {}
+    if args.jobs != 1 or args.only:
+        if "tasks" not in args.suites:
+            parser.error(
+                "--jobs and --only apply to the tasks suite: name it, "
+                "e.g. `python -m benchmarks tasks --jobs 2`"
+            )
+        if args.jobs < 1 or args.jobs > common.cpu_count():
+            parser.error(
+                f"--jobs must be between 1 and the {common.cpu_count()} cores this process may use, "
+                f"got {args.jobs}"
+            )
+        try:
+            from benchmarks.tasks import parse_only
+
+            parse_only(args.only)
+        except ValueError as e:
+            parser.error(str(e))
+        task_opts = {"jobs": args.jobs, "only": args.only}
     os.makedirs(args.out, exist_ok=True)
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     failed = False
@@ -88,6 +144,14 @@ def main(argv=None) -> int:
 
     for name in suites:
         log(f"=== {name} ({mode}) ===")
-        res = run_suite(name, mode, args.out, plot=args.plot, command=command.strip(), log=log)
+        res = run_suite(
+            name,
+            mode,
+            args.out,
+            plot=args.plot,
+            command=command.strip(),
+            log=log,
+            options=task_opts if name == "tasks" else None,
+        )
         failed |= "error" in res
     return 1 if failed else 0

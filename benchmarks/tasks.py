@@ -34,6 +34,7 @@ Seeds are fixed; the full mode runs every row with 3 seeds and reports mean ± s
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,8 @@ __all__ = [
     "settings",
     "make_cell",
     "hidden_for_budget",
+    "TASKS",
+    "parse_only",
     "state_gradient_norms",
     "run",
     "to_markdown",
@@ -469,12 +472,134 @@ def _char_run(kind, seed, s, log):
 
 # --------------------------------------------------------------------------- suite
 
+#: The jobs of the suite: a job is ``(task, T, cell, seed)`` (``T``/``cell`` ``None`` where they
+#: do not apply); ``--only`` selects among them and ``--jobs`` runs them in worker processes.
+TASKS = ("adding", "copy", "digits", "sunspots", "char")
 
-def run(mode: str = "quick", *, log: Callable[[str], None] = print) -> dict:
-    """Run the task suite and return its result dict (see module docstring)."""
+
+def _jobs(s: dict, budgets: dict) -> list[tuple]:
+    """Every job of the settings ``s``, in the order of the tables: ``(task, T, cell, seed, H)``."""
+    out = []
+    for T in s["adding_Ts"]:
+        for kind in s["cells"]:
+            out += [("adding", T, kind, seed, budgets["adding"][kind][0]) for seed in s["seeds"]]
+    c = s["copy"]
+    for kind in s["copy_cells"]:
+        out += [
+            ("copy", c["delay"] + 2 * c["length"], kind, seed, budgets["copy"][kind][0])
+            for seed in s["seeds"]
+        ]
+    for kind in s["digits_cells"]:
+        out += [("digits", 64, kind, seed, budgets["digits"][kind][0]) for seed in s["seeds"]]
+    out += [("sunspots", None, None, seed, None) for seed in s["seeds"]]
+    for kind in s["char_cells"]:
+        out += [("char", None, kind, seed, s["char_hidden"]) for seed in s["seeds"]]
+    return out
+
+
+def parse_only(selectors: list[str] | None) -> list[tuple[str, int | None, str | None]] | None:
+    """Parse ``--only`` selectors ``TASK[:T][:CELL]`` (e.g. ``adding:200``, ``adding:200:lstm``,
+    ``copy:gru``, ``char``) into ``(task, T, cell)`` with ``None`` for "any". Raises
+    ``ValueError`` naming the bad selector."""
+    if not selectors:
+        return None
+    out = []
+    for sel in selectors:
+        parts = sel.split(":")
+        task, T, cell = parts[0], None, None
+        if task not in TASKS:
+            raise ValueError(f"--only {sel!r}: the task must be one of {TASKS}, got {task!r}.")
+        for p in parts[1:]:
+            if p.isdigit() and T is None:
+                T = int(p)
+            elif p in CELLS and cell is None:
+                cell = p
+            else:
+                raise ValueError(
+                    f"--only {sel!r}: expected TASK[:T][:CELL] with T an integer and CELL one of {CELLS}, "
+                    f"got {p!r}."
+                )
+        out.append((task, T, cell))
+    return out
+
+
+def _selected(job, only) -> bool:
+    task, T, cell = job[:3]
+    return only is None or any(
+        t == task and (oT is None or oT == T) and (oc is None or oc == cell) for t, oT, oc in only
+    )
+
+
+def _cost(job, s) -> float:
+    """A rough relative cost of a job (training steps × sequence length × width), used only to
+    hand the longest jobs out first when several workers run."""
+    task, T, _, _, H = job
+    if task == "adding":
+        return s["steps"] * T * H
+    if task == "copy":
+        return s["copy_steps"] * T * H
+    if task == "digits":
+        return s["digits_steps"] * T * H
+    if task == "char":
+        return s["char_steps"] * 64 * 2 * H
+    return s["sunspot_steps"] * 40 * 8 * len(s["sunspot_models"])
+
+
+def _run_job(job, s, log=None) -> tuple[list[dict], str | None]:
+    """Run one job; returns ``(rows, skipped_message)``."""
+    log = log or (lambda m: print(m, flush=True))
+    task, _, kind, seed, H = job
+    try:
+        if task == "adding":
+            return [_adding_run(kind, job[1], seed, s, H, log)], None
+        if task == "copy":
+            return [_copy_run(kind, seed, s, H, log)], None
+        if task == "digits":
+            return [_digits_run(kind, seed, s, H, log)], None
+        if task == "sunspots":
+            return _sunspot_rows(seed, s, log), None
+        return [_char_run(kind, seed, s, log)], None
+    except ImportError as e:  # scikit-learn / statsmodels missing: the row is skipped, the suite goes on
+        return [], f"{task}: {e}"
+
+
+def _pin_worker(cores) -> None:
+    """Pool initializer: pin this worker process to one core of its own."""
+    core = cores.get()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+
+
+def run(
+    mode: str = "quick",
+    *,
+    log: Callable[[str], None] = print,
+    jobs: int = 1,
+    only: list[str] | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run the task suite and return its result dict (see module docstring).
+
+    Args:
+      mode: ``"tiny"``, ``"quick"`` or ``"full"``.
+      log: progress lines.
+      jobs: worker processes. ``1`` runs every job here, one after the other; ``N > 1`` runs
+        them in ``N`` spawned processes, each pinned to one core of its own (``N`` at most the
+        cores this process may use), longest jobs first. The ``wall s`` columns are then each
+        row's time on one core while the other workers ran.
+      only: selectors ``TASK[:T][:CELL]`` (see ``parse_only``); ``None`` runs every job.
+      checkpoint: called with the result so far (``result["partial"]`` says how many jobs are
+        done) after every finished job, so that a long run that is stopped keeps what it did.
+    """
     s = settings(mode)
+    sel = parse_only(only)
+    ncores = common.cpu_count()
+    if not 1 <= jobs <= ncores:
+        raise ValueError(f"jobs must be between 1 and the {ncores} cores this process may use, got {jobs}.")
     result = common.new_result("tasks", mode)
     result["settings"] = s
+    result["jobs"] = jobs
+    result["only"] = list(only) if only else None
     missing = [m for m in ("seqjax.tasks", "seqjax.train") if common.optional_import(m) is None]
     if missing:
         result["skipped"].append(f"{', '.join(missing)} missing in this checkout: the task suite needs them")
@@ -494,6 +619,13 @@ def run(mode: str = "quick", *, log: Callable[[str], None] = print) -> dict:
         "exponent (per step); log10 ||dL/ds_1|| / ||dL/ds_T||, the gradient that reaches the first step "
         "relative to the last."
     )
+    if jobs > 1:
+        result["notes"].append(
+            f"Jobs ran in {jobs} worker processes, each pinned to one core of its own: a row's wall time "
+            "is its time on one core while the other workers ran."
+        )
+    if sel is not None:
+        result["notes"].append(f"Only the jobs selected by {', '.join(only)} were run.")
     from seqjax.tasks import sequence_model
 
     # parameter budgets
@@ -511,32 +643,41 @@ def run(mode: str = "quick", *, log: Callable[[str], None] = print) -> dict:
         for t, b in budgets.items()
     }
 
-    for T in s["adding_Ts"]:
-        for kind in s["cells"]:
-            for seed in s["seeds"]:
-                result["rows"].append(_adding_run(kind, T, seed, s, budgets["adding"][kind][0], log))
-    for kind in s["copy_cells"]:
-        for seed in s["seeds"]:
-            result["rows"].append(_copy_run(kind, seed, s, budgets["copy"][kind][0], log))
+    todo = [j for j in _jobs(s, budgets) if _selected(j, sel)]
+    if sel is not None and not todo:
+        raise ValueError(f"--only {only}: no job of the {mode} mode matches.")
+    done: dict[int, list[dict]] = {}
 
-    real = []
-    for kind in s["digits_cells"]:
-        for seed in s["seeds"]:
-            try:
-                real.append(_digits_run(kind, seed, s, budgets["digits"][kind][0], log))
-            except ImportError as e:
-                result["skipped"].append(f"digits: {e}")
-                break
-    for seed in s["seeds"]:
-        try:
-            real += _sunspot_rows(seed, s, log)
-        except ImportError as e:
-            result["skipped"].append(f"sunspots: {e}")
-            break
-    for kind in s["char_cells"]:
-        for seed in s["seeds"]:
-            real.append(_char_run(kind, seed, s, log))
-    result["real_rows"] = real
+    def finish(i, rows, skipped):
+        done[i] = rows
+        if skipped and skipped not in result["skipped"]:
+            result["skipped"].append(skipped)
+        ordered = [r for k in sorted(done) for r in done[k]]
+        result["rows"] = [r for r in ordered if r["task"] in ("adding", "copy")]
+        result["real_rows"] = [r for r in ordered if r["task"] not in ("adding", "copy")]
+        result["partial"] = None if len(done) == len(todo) else f"{len(done)} of {len(todo)} jobs done"
+        if checkpoint is not None and result["partial"]:
+            checkpoint(dict(result, skipped=list(result["skipped"])))
+
+    result["real_rows"] = []
+    if jobs == 1:
+        for i, job in enumerate(todo):
+            finish(i, *_run_job(job, s, log))
+        return result
+
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # JAX is not fork-safe
+    cores = ctx.Queue()
+    for c in sorted(os.sched_getaffinity(0))[:jobs]:
+        cores.put(c)
+    order = sorted(range(len(todo)), key=lambda i: -_cost(todo[i], s))
+    log(f"  {len(todo)} jobs in {jobs} worker processes, longest first")
+    with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pin_worker, initargs=(cores,)) as pool:
+        futures = {pool.submit(_run_job, todo[i], s): i for i in order}
+        for f in cf.as_completed(futures):
+            finish(futures[f], *f.result())
     return result
 
 

@@ -141,6 +141,61 @@ def test_cli_rejects_unknown_suite(capsys):
     assert "unknown suite" in capsys.readouterr().err
 
 
+def test_task_job_selectors():
+    # Every full-mode job is listed once; --only narrows to exactly the matching ones.
+    s = btasks.settings("full")
+    budgets = {t: {k: (8, 0) for k in btasks.CELLS} for t in ("adding", "copy", "digits")}
+    jobs = btasks._jobs(s, budgets)
+    n_seeds, n_cells = len(s["seeds"]), len(btasks.CELLS)
+    assert (
+        len(jobs)
+        == len(set(jobs))
+        == n_seeds * (len(s["adding_Ts"]) * n_cells + 2 * n_cells + 1 + len(s["char_cells"]))
+    )
+    pick = lambda sel: [j for j in jobs if btasks._selected(j, btasks.parse_only(sel))]  # noqa: E731
+    assert {(j[0], j[1]) for j in pick(["adding:200"])} == {("adding", 200)}
+    assert len(pick(["adding:200"])) == n_cells * n_seeds
+    assert [j[2] for j in pick(["adding:400:gru"])] == ["gru"] * n_seeds
+    assert {j[0] for j in pick(["copy:lstm", "sunspots"])} == {"copy", "sunspots"}
+    assert btasks.parse_only(None) is None
+    bad_selectors = [
+        ("addng:200", "task must be one of"),
+        ("adding:lsmt", "expected TASK"),
+        ("adding:1:2", "got '2'"),
+    ]
+    for bad, msg in bad_selectors:
+        with pytest.raises(ValueError, match=msg):
+            btasks.parse_only([bad])
+
+
+def test_cli_task_options_errors(capsys):
+    from benchmarks.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["speed", "--only", "adding:200", "--tiny"])
+    assert "apply to the tasks suite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tasks", "--only", "adding:xx", "--tiny"])
+    assert "expected TASK[:T][:CELL]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tasks", "--jobs", str(common.cpu_count() + 1), "--tiny"])
+    assert "--jobs must be between 1" in capsys.readouterr().err
+
+
+def test_task_suite_only_and_checkpoint():
+    # Two tiny adding jobs: the checkpoint sees the first one done and the result marked
+    # partial; the final result has both rows, in table order, and is not partial.
+    pytest.importorskip("seqjax.tasks")
+    seen = []
+    res = btasks.run("tiny", log=lambda m: None, only=["adding"], checkpoint=lambda r: seen.append(r))
+    assert [(r["task"], r["cell"]) for r in res["rows"]] == [("adding", "rnn"), ("adding", "lstm")]
+    assert res["real_rows"] == [] and res["partial"] is None
+    assert len(seen) == 1 and seen[0]["partial"] == "1 of 2 jobs done"
+    assert "adding" in res["notes"][-1]
+    with pytest.raises(ValueError, match="no job"):
+        btasks.run("tiny", only=["adding:999"])
+
+
 # --------------------------------------------------------------------------- end to end
 
 TIMING_KEYS = {"median_s", "min_s", "max_s", "times_s", "reps", "compile_s"}
