@@ -341,9 +341,9 @@ def to_markdown(result: dict) -> str:
         body = []
         for r in rows:
             t = report.fmt_range(r)
-            if r.get("extrapolated_from"):
+            if r.get("extrapolated_from") and r["extrapolated_from"] < r["T"]:
                 measured = report.fmt_time(r["measured_median_s"])
-                t += f" [extrap. from {r['extrapolated_from']} steps: {measured}]"
+                t += f" [×T/P: measured {measured} on the first P = {r['extrapolated_from']} steps]"
             extra = ""
             if table == "lyapunov":
                 if "finite_exponents" in r:
