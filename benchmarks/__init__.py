@@ -16,6 +16,8 @@ Sub-suites (modules of this package):
 
 - ``speed``: forward and forward+backward of Elman / LSTM / GRU against Flax, Equinox, a
   textbook ``lax.scan`` and PyTorch.
+- ``profile``: where seqjax's forward+backward time goes (the per-step matmuls in a bare
+  scan, the weight-gradient GEMMs, the rest) beside PyTorch's whole pass.
 - ``memory``: peak memory of forward+backward against sequence length, with and without
   rematerialisation, beside PyTorch.
 - ``spectrum``: step Jacobians and Lyapunov spectra against what a user would write.
@@ -24,7 +26,7 @@ Sub-suites (modules of this package):
 
 __all__ = ["SUITES", "main"]
 
-SUITES = ("speed", "memory", "spectrum", "tasks")
+SUITES = ("speed", "profile", "memory", "spectrum", "tasks")
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""``python -m benchmarks [speed|memory|spectrum|tasks ...] [--quick|--tiny] [--plot] [--out DIR]``."""
+"""``python -m benchmarks [SUITE ...] [--quick|--tiny] [--plot] [--out DIR]`` (see ``benchmarks.cli``)."""
 
 import sys
 

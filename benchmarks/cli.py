@@ -2,7 +2,8 @@
 
 ``python -m benchmarks [SUITE ...] [--quick | --tiny] [--plot] [--out DIR]``
 
-- ``SUITE``: any of ``speed``, ``memory``, ``spectrum``, ``tasks`` (default: all, in that order).
+- ``SUITE``: any of ``speed``, ``profile``, ``memory``, ``spectrum``, ``tasks`` (default: all,
+  in that order).
 - ``--quick``: smaller configurations and fewer repetitions (a few minutes on 2 cores).
 - ``--tiny``: toy sizes, for the test suite only (numbers mean nothing).
 - ``--plot``: also draw PNG figures (needs matplotlib).

@@ -3,7 +3,8 @@
 Fast tests check the pieces against independent references: the textbook scan and the
 PyTorch weight mapping against ``seqjax.unroll``, the task suite's state-gradient norms
 against the closed form of a linear RNN, the parameter-budget solver against hand counts,
-and the writers. The slow test runs ``python -m benchmarks --tiny`` end to end (every
+and the writers, the profile suite's bare scans against the recurrences they stand for. The
+slow test runs ``python -m benchmarks --tiny`` end to end (every
 sub-suite, toy sizes) in a subprocess and validates the JSON files key by key.
 """
 
@@ -141,6 +142,31 @@ def test_cli_rejects_unknown_suite(capsys):
     assert "unknown suite" in capsys.readouterr().err
 
 
+def test_profile_bare_scans_compute_their_recurrences():
+    # The profile's floors must do the work they claim: compare with NumPy loops of the same
+    # recurrences (float32 vs float64 over 5 steps of O(1) values: 1e-5).
+    from benchmarks import profile
+
+    T, B, I, H, G = 5, 3, 2, 4, 3
+    rng = np.random.default_rng(0)
+    w_x, w_h = rng.normal(size=(I, G * H)) / 2, rng.normal(size=(H, G * H)) / 2
+    xs, dzs = rng.normal(size=(T, B, I)), rng.normal(size=(T, B, G * H)) / 2
+    fwd, rev, gemms = profile.bare_scans(H, G)
+    h = np.zeros((B, H))
+    for t in range(T):
+        h = np.tanh((xs[t] @ w_x + h @ w_h)[:, :H])
+    f32 = lambda *a: [jnp.asarray(x, jnp.float32) for x in a]  # noqa: E731
+    np.testing.assert_allclose(jax.jit(fwd)(*f32(w_x, w_h, xs)), h, rtol=1e-5, atol=1e-5)
+    g = np.ones((B, H))
+    for t in reversed(range(T)):
+        g = np.tanh((np.tile(g, (1, G)) * dzs[t]) @ w_h.T)
+    np.testing.assert_allclose(jax.jit(rev)(*f32(w_h, dzs)), g, rtol=1e-5, atol=1e-5)
+    X, Hin, dZ = xs.reshape(T * B, I), rng.normal(size=(T * B, H)), dzs.reshape(T * B, G * H)
+    want = (X.T @ dZ, Hin.T @ dZ, dZ @ w_x.T, dZ.sum(0))
+    for got, ref in zip(jax.jit(gemms)(*f32(w_x, X, Hin, dZ)), want):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_task_job_selectors():
     # Every full-mode job is listed once; --only narrows to exactly the matching ones.
     s = btasks.settings("full")
@@ -219,7 +245,7 @@ def test_suite_end_to_end_tiny(tmp_path):
         timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for suite in ("speed", "memory", "spectrum", "tasks"):
+    for suite in ("speed", "profile", "memory", "spectrum", "tasks"):
         d = _strict_load(out / f"{suite}.json")
         assert d["suite"] == suite and d["mode"] == "tiny" and "error" not in d
         m = d["machine"]
@@ -254,6 +280,18 @@ def test_suite_end_to_end_tiny(tmp_path):
             assert r["ratio_median"] == 1.0
         if r["library"] != "torch" and r["pass"] == "forward+backward":
             assert r["memory"]["peak_bytes"] > 0
+
+    prof = _strict_load(out / "profile.json")
+    for r in prof["rows"]:
+        parts = ("f+b", "forward", "bare forward scan", "bare reverse scan", "weight-gradient GEMMs")
+        assert all(TIMING_KEYS <= set(r[k]) for k in parts)
+        assert "torch f+b" in r or any("torch" in x for x in prof["skipped"])
+        # the derived columns are what their names say
+        med = {k: r[k]["median_s"] for k in parts}
+        assert r["backward_s"] == pytest.approx(med["f+b"] - med["forward"])
+        assert r["rest_s"] == pytest.approx(
+            med["f+b"] - med["bare forward scan"] - med["bare reverse scan"] - med["weight-gradient GEMMs"]
+        )
 
     mem = _strict_load(out / "memory.json")
     for r in mem["rows"]:
