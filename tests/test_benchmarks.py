@@ -208,18 +208,30 @@ def test_cli_task_options_errors(capsys):
     assert "--jobs must be between 1" in capsys.readouterr().err
 
 
-def test_task_suite_only_and_checkpoint():
-    # Two tiny adding jobs: the checkpoint sees the first one done and the result marked
-    # partial; the final result has both rows, in table order, and is not partial.
+def test_task_suite_only_and_checkpoint(monkeypatch):
+    # The bookkeeping of a tasks run, with the training replaced by a stub that records the
+    # job: --only picks the two tiny adding jobs, the checkpoint sees the first one done and
+    # the result marked partial, the final result has both rows in table order. (The real
+    # jobs run in the slow end-to-end tests.)
     pytest.importorskip("seqjax.tasks")
+    ran = []
+
+    def fake_job(job, s, log=None):
+        ran.append(job)
+        return [{"task": job[0], "T": job[1], "cell": job[2], "seed": job[3]}], None
+
+    monkeypatch.setattr(btasks, "_run_job", fake_job)
     seen = []
     res = btasks.run("tiny", log=lambda m: None, only=["adding"], checkpoint=lambda r: seen.append(r))
+    assert [j[:3] for j in ran] == [("adding", 8, "rnn"), ("adding", 8, "lstm")]
     assert [(r["task"], r["cell"]) for r in res["rows"]] == [("adding", "rnn"), ("adding", "lstm")]
     assert res["real_rows"] == [] and res["partial"] is None
-    assert len(seen) == 1 and seen[0]["partial"] == "1 of 2 jobs done"
+    assert len(seen) == 1 and seen[0]["partial"] == "1 of 2 jobs done" and len(seen[0]["rows"]) == 1
     assert "adding" in res["notes"][-1]
     with pytest.raises(ValueError, match="no job"):
         btasks.run("tiny", only=["adding:999"])
+    with pytest.raises(ValueError, match="jobs must be between 1"):
+        btasks.run("tiny", jobs=0)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -230,6 +242,26 @@ TIMING_KEYS = {"median_s", "min_s", "max_s", "times_s", "reps", "compile_s"}
 def _strict_load(path):
     with open(path) as f:
         return json.load(f, parse_constant=lambda c: pytest.fail(f"{path}: non-strict JSON constant {c}"))
+
+
+@pytest.mark.slow
+def test_tasks_in_worker_processes(tmp_path):
+    # --jobs 2: the jobs run in two spawned worker processes, and the result is the same
+    # table (rows in table order, not completion order) as a one-process run would write.
+    if common.cpu_count() < 2:
+        pytest.skip("needs 2 cores")
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks", "tasks", "--tiny", "--jobs", "2", "--only", "adding"]
+    cmd += ["--only", "sunspots", "--out", str(out)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = _strict_load(out / "tasks.json")
+    assert d["jobs"] == 2 and d["only"] == ["adding", "sunspots"] and d["partial"] is None
+    assert [(r["task"], r["cell"]) for r in d["rows"]] == [("adding", "rnn"), ("adding", "lstm")]
+    assert all(math.isfinite(r["wall_s"]) and r["wall_s"] > 0 for r in d["rows"])
+    assert {r["task"].split()[0] for r in d["real_rows"]} == {"sunspots"}
+    assert "worker processes" in (out / "tasks.md").read_text()
 
 
 @pytest.mark.slow
