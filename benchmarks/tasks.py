@@ -688,14 +688,41 @@ def _group(rows, keys):
     return out
 
 
+#: Metrics every finished run has: a missing value (``None``, which is how the strict JSON
+#: stores inf / nan) means the run diverged, and the table says so instead of hiding the seed.
+_ALWAYS = ("test_mse", "test_ce", "accuracy", "value")
+
+
+def _diverged(v) -> bool:
+    return v is None or not math.isfinite(v)
+
+
 def _ms(rows, key, digits=3):
+    if key in _ALWAYS:
+        bad = sum(_diverged(r.get(key)) for r in rows)
+        vals = [r[key] for r in rows if not _diverged(r.get(key))]
+        if bad:
+            head = report.fmt_mean_std(vals, digits) + "; " if vals else ""
+            return f"{head}diverged ({bad}/{len(rows)})"
+        return report.fmt_mean_std(vals, digits)
     vals = [r.get(key) for r in rows if r.get(key) is not None]
-    if key == "log10_grad_ratio" and any(r.get("grad_underflow") for r in rows):
+    if key == "log10_grad_ratio":
+        notes = []
         n = sum(bool(r.get("grad_underflow")) for r in rows)
-        return (
-            report.fmt_mean_std(vals, digits) + "; " if vals else ""
-        ) + f"underflow to 0 ({n}/{len(rows)})"
+        if n:
+            notes.append(f"underflow to 0 ({n}/{len(rows)})")
+        n = sum(any(_diverged(g) for g in r.get("grad_norms_first_last", [0.0])) for r in rows)
+        if n:
+            notes.append(f"non-finite ({n}/{len(rows)})")
+        if notes:
+            return (report.fmt_mean_std(vals, digits) + "; " if vals else "") + "; ".join(notes)
     return report.fmt_mean_std(vals, digits)
+
+
+def _wall(rows) -> str:
+    """Wall seconds, mean ± std over seeds, to the second."""
+    a = np.asarray([r["wall_s"] for r in rows], dtype=np.float64)
+    return f"{a.mean():.0f}" + (f" ± {a.std(ddof=1):.0f}" if a.size > 1 else "")
 
 
 def to_markdown(result: dict) -> str:
@@ -721,7 +748,7 @@ def to_markdown(result: dict) -> str:
                 rs[0]["H"],
                 _ms(rs, "test_mse"),
                 hit,
-                _ms(rs, "wall_s", 2),
+                _wall(rs),
                 _ms(rs, "rho_Wh"),
                 _ms(rs, "rho_J_mean"),
                 _ms(rs, "lambda_max"),
@@ -761,7 +788,7 @@ def to_markdown(result: dict) -> str:
                 _ms(rs, "accuracy"),
                 _ms(rs, "test_ce"),
                 report.fmt_num(rs[0]["baseline_ce"]),
-                _ms(rs, "wall_s", 2),
+                _wall(rs),
                 _ms(rs, "rho_Wh"),
                 _ms(rs, "rho_J_mean"),
                 _ms(rs, "lambda_max"),
@@ -798,7 +825,7 @@ def to_markdown(result: dict) -> str:
                     rs[0]["metric"],
                     _ms(rs, "value"),
                     f"{rs[0]['baseline_name']} {report.fmt_num(rs[0]['baseline'])}",
-                    _ms(rs, "wall_s", 2),
+                    _wall(rs),
                 ]
             )
         out.append(

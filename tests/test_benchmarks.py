@@ -167,6 +167,25 @@ def test_profile_bare_scans_compute_their_recurrences():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_task_table_reports_diverged_seeds():
+    # A diverged seed (inf/nan, stored as null in the strict JSON) is counted, never dropped
+    # silently from the mean; underflowed and non-finite gradients are named.
+    rows = [
+        {"test_mse": 0.01, "grad_underflow": True, "grad_norms_first_last": [0.0, 1.0], "wall_s": 10.0},
+        {"test_mse": None, "grad_underflow": False, "grad_norms_first_last": [None, None], "wall_s": 12.0},
+        {
+            "test_mse": float("inf"),
+            "log10_grad_ratio": -2.0,
+            "grad_norms_first_last": [0.1, 10.0],
+            "wall_s": 14.0,
+        },
+    ]
+    assert btasks._ms(rows, "test_mse") == "0.01; diverged (2/3)"
+    assert btasks._ms(rows[:1], "test_mse") == "0.01"
+    assert btasks._ms(rows, "log10_grad_ratio") == "-2; underflow to 0 (1/3); non-finite (1/3)"
+    assert btasks._wall(rows) == "12 ± 2"
+
+
 def test_task_job_selectors():
     # Every full-mode job is listed once; --only narrows to exactly the matching ones.
     s = btasks.settings("full")
