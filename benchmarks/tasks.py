@@ -831,11 +831,14 @@ def to_markdown(result: dict) -> str:
         out.append(
             report.markdown_table(["task", "model", "H", "metric", "value", "baseline", "wall s"], table)
         )
-        samples = [r for r in real if r.get("sample")]
+        samples = {}  # one per cell: its first seed's
+        for r in real:
+            if r.get("sample"):
+                samples.setdefault(r["cell"], r)
         if samples:
-            out += ["", "Samples from the character models (prompt `def `, temperature 0.8):", ""]
-            for r in samples[: len(s["char_cells"])]:
-                out += [f"{LABELS.get(r['cell'], r['cell'])}:", "", "```", r["sample"], "```", ""]
+            out += ["", "Samples from the character models (prompt `def `, temperature 0.8, first seed):", ""]
+            for cell, r in samples.items():
+                out += [f"{LABELS.get(cell, cell)} (seed {r['seed']}):", "", "```", r["sample"], "```", ""]
     return "\n".join(out)
 
 
