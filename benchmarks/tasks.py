@@ -670,7 +670,8 @@ def run(
 
     ctx = mp.get_context("spawn")  # JAX is not fork-safe
     cores = ctx.Queue()
-    for c in sorted(os.sched_getaffinity(0))[:jobs]:
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(jobs)
+    for c in list(allowed)[:jobs]:
         cores.put(c)
     order = sorted(range(len(todo)), key=lambda i: -_cost(todo[i], s))
     log(f"  {len(todo)} jobs in {jobs} worker processes, longest first")
