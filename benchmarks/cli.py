@@ -73,10 +73,12 @@ def run_suite(
     mod = None
     command = command or f"python -m benchmarks {name}" + ("" if mode == "full" else f" --{mode}")
     options = dict(options or {})
+    last_partial = {}
     if name == "tasks":
 
         def checkpoint(partial):
             partial = dict(partial, wall_s=time.perf_counter() - t0, command=command, figures=[])
+            last_partial["result"] = partial
             body = f"**Partial result: {partial['partial']}.**\n\n" + mod.to_markdown(partial)
             report.write(partial, body, out_dir)
 
@@ -85,7 +87,8 @@ def run_suite(
         mod = importlib.import_module(f"benchmarks.{name}")
         result = mod.run(mode, log=log, **options)
     except Exception as e:  # noqa: BLE001 - one broken suite must not hide the others
-        result = common.new_result(name, mode)
+        # a failed tasks run keeps the rows it finished (its last checkpoint) beside the error
+        result = last_partial.get("result") or common.new_result(name, mode)
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()
         log(f"{name}: FAILED: {result['error']}")
@@ -93,6 +96,8 @@ def run_suite(
     result["command"] = command
     if "error" in result:
         body = f"The suite failed: `{result['error']}`\n\n```\n{result['traceback']}\n```"
+        if result["rows"] or result.get("real_rows"):
+            body += f"\n\nWhat it finished ({result.get('partial')}):\n\n" + mod.to_markdown(result)
     else:
         body = mod.to_markdown(result)
     body += f"\n\nWall time of this suite: {result['wall_s']:.0f} s."

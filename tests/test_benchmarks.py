@@ -253,6 +253,27 @@ def test_task_suite_only_and_checkpoint(monkeypatch):
         btasks.run("tiny", jobs=0)
 
 
+def test_failed_task_run_keeps_finished_rows(tmp_path, monkeypatch):
+    # A job that raises fails the suite, but the file it writes still holds the rows of the
+    # jobs that finished before it (nothing already saved is lost), beside the error.
+    pytest.importorskip("seqjax.tasks")
+    from benchmarks.cli import run_suite
+
+    def job(j, s, log=None):
+        if j[2] == "lstm":
+            raise RuntimeError("boom")
+        row = {"task": j[0], "T": j[1], "cell": j[2], "seed": j[3], "H": j[4], "wall_s": 1.0}
+        return [dict(row, test_mse=0.1, **{"steps_to_0.01": None})], None
+
+    monkeypatch.setattr(btasks, "_run_job", job)
+    res = run_suite("tasks", "tiny", str(tmp_path), log=lambda m: None, options={"only": ["adding"]})
+    d = _strict_load(tmp_path / "tasks.json")
+    assert "RuntimeError: boom" in d["error"] and res["error"] == d["error"]
+    assert [r["cell"] for r in d["rows"]] == ["rnn"] and d["partial"] == "1 of 2 jobs done"
+    md = (tmp_path / "tasks.md").read_text()
+    assert "boom" in md and "1 of 2 jobs done" in md
+
+
 # --------------------------------------------------------------------------- end to end
 
 TIMING_KEYS = {"median_s", "min_s", "max_s", "times_s", "reps", "compile_s"}
