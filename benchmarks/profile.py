@@ -179,10 +179,6 @@ def run(mode: str = "quick", *, log: Callable[[str], None] = print) -> dict:
     return result
 
 
-def _ms(t: float) -> str:
-    return report.fmt_time(t)
-
-
 def to_markdown(result: dict) -> str:
     """One table: the parts of seqjax's forward+backward, beside PyTorch's whole pass."""
     pk = result["matmul_peak"]["jax"]
@@ -200,15 +196,15 @@ def to_markdown(result: dict) -> str:
             [
                 r["config"],
                 r["cell"],
-                _ms(med["f+b"]),
-                _ms(med["forward"]),
-                _ms(r["backward_s"]),
-                f"{_ms(med['bare forward scan'])} ({r['gflops_forward_scan']:.0f})",
-                f"{_ms(med['bare reverse scan'])} ({r['gflops_reverse_scan']:.0f})",
-                f"{_ms(med['weight-gradient GEMMs'])} ({r['gflops_gemms']:.0f})",
-                _ms(r["rest_s"]),
+                report.fmt_time(med["f+b"]),
+                report.fmt_time(med["forward"]),
+                report.fmt_time(r["backward_s"]),
+                f"{report.fmt_time(med['bare forward scan'])} ({r['gflops_forward_scan']:.0f})",
+                f"{report.fmt_time(med['bare reverse scan'])} ({r['gflops_reverse_scan']:.0f})",
+                f"{report.fmt_time(med['weight-gradient GEMMs'])} ({r['gflops_gemms']:.0f})",
+                report.fmt_time(r["rest_s"]),
                 f"{100 * r['bare_scans_share_of_fb']:.0f}%",
-                "–" if torch_fb is None else _ms(torch_fb["median_s"]),
+                "–" if torch_fb is None else report.fmt_time(torch_fb["median_s"]),
                 "–" if torch_fb is None else f"{r['bare_scans_over_torch_fb']:.2f}",
             ]
         )
