@@ -1,6 +1,7 @@
 """seqjax: functional recurrent networks in JAX.
 
-Pure cells (``Cell(init, initial_carry, step)``), one scan-based ``unroll``, and the tools
+Pure cells (``Cell(init, initial_carry, step)`` plus optional capabilities), one scan-based
+``unroll``, and the tools
 built on them: sequence architectures, fast BPTT, Jacobian spectra, training loops. The
 names below are re-exported here and listed in ``__all__``; every submodule (``seqjax.spectrum``,
 ``seqjax.train``, ``seqjax.tasks``, ...) lists its own in its ``__all__``. ``seqjax.plot``
@@ -9,6 +10,7 @@ names below are re-exported here and listed in ``__all__``; every submodule (``s
 
 from seqjax import (
     bptt,
+    cells,
     fixed_points,
     initializers,
     interop,
@@ -21,8 +23,10 @@ from seqjax import (
 )
 from seqjax.bptt import GradientNorms, chunk_stream, fused_supported, gradient_norms, tbptt
 from seqjax.cells import (
+    KERNEL_OPTIONS,
     Cell,
     CellMeta,
+    Kernel,
     LSTMState,
     NARXState,
     get_activation,
@@ -34,6 +38,7 @@ from seqjax.cells import (
     narx,
     rnn,
     tdnn,
+    wrap,
 )
 from seqjax.fixed_points import FixedPoints, find_fixed_points
 from seqjax.interop import TorchRNN, from_torch, to_torch
@@ -94,6 +99,9 @@ __all__ = [
     # cells
     "Cell",
     "CellMeta",
+    "Kernel",
+    "KERNEL_OPTIONS",
+    "wrap",
     "LSTMState",
     "NARXState",
     "get_activation",
@@ -173,6 +181,7 @@ __all__ = [
     "to_torch",
     "TorchRNN",
     # submodules
+    "cells",
     "initializers",
     "layers",
     "losses",

@@ -242,14 +242,28 @@ def load_run(run_dir: str):
 # --------------------------------------------------------------------------- analysis
 
 
+def _gate_names(cell, params, input_size: int, blocks: int) -> list[str]:
+    """Names of the column blocks of ``w_h``: the keys of the cell's ``gates`` capability (in
+    block order) when it names one per block, else ``h``, ``h1``, ..."""
+    if cell.gates is not None:
+        like = jax.eval_shape(lambda p: cell.initial_carry(p, ()), params)
+        x = jax.ShapeDtypeStruct((input_size,), jax.tree_util.tree_leaves(like)[0].dtype)
+        names = list(jax.eval_shape(lambda p, c, x: cell.gates(p, c, x), params, like, x))
+        if len(names) == blocks:
+            return names
+    return ["h"] if blocks == 1 else [f"h{k}" for k in range(blocks)]
+
+
 def analyse(cell, params: dict, xs: jax.Array, ys: jax.Array | None = None) -> dict:
     """Spectrum analysis of a trained model on inputs ``xs: (B, T, I)``.
 
     Returns a dict of NumPy arrays and floats: ``grad_log10`` (``(T,)``, mean over sequences
     of ``log10 ||dL/ds_{T-L}|| / ||dL/ds_T||`` for ``L = 1..T`` when ``ys`` (the targets of a
     many-to-one MSE model whose head is ``params["head"]``) is given, else of
-    ``log10 ||ds_T/ds_{T-L}||_2``), ``cell_log10_units`` (LSTM only, ``(T, H)``: ``log10`` of
-    the product of the last ``L`` forget gates per unit, mean over sequences) and
+    ``log10 ||ds_T/ds_{T-L}||_2``), ``cell_log10_units`` (cells whose carry has more than one
+    leaf, ``(T, units)``: ``log10`` of the product of the last ``L`` diagonal entries of
+    ``J_t`` for the memory leaves, per unit, mean over sequences; for the LSTM the forget
+    gates) and
     ``cell_log10`` (its maximum over units), ``lyapunov`` (the full
     spectrum, mean over sequences), ``eig_wh`` (eigenvalues of ``W_h`` or, for gated cells,
     of each gate block), ``eig_jac`` (eigenvalues of the step Jacobians of one sequence),
@@ -279,13 +293,18 @@ def analyse(cell, params: dict, xs: jax.Array, ys: jax.Array | None = None) -> d
     grad_log10 = np.mean(lag / math.log(10.0), axis=0)
     out: dict[str, Any] = {"grad_log10": grad_log10, "T": T, "cotangent": ys is not None}
 
-    kind = cell.meta.kind if cell.meta is not None else None
     H = cell.meta.hidden_size if cell.meta is not None else None
-    if kind == "lstm":
-        _, _, aux = unroll(cell, body, xs, return_gates=True)
-        logf = np.log10(np.maximum(np.asarray(aux.gates["f"]), 1e-30))  # (B, T, H)
-        cum = np.cumsum(logf[:, ::-1, :], axis=1)  # lag L = 1..T from the end
-        units = np.mean(cum, axis=0)  # (T, H): mean over sequences, per unit
+    like = jax.eval_shape(lambda p: cell.initial_carry(p, ()), body)
+    leaves = jax.tree_util.tree_leaves(like)
+    if len(leaves) > 1:
+        # The self-recurrent path of the memory leaves (every carry leaf after the first):
+        # the product of the diagonal of J_t over the last L steps, per unit. For the LSTM
+        # this is prod f, since dc_t/dc_{t-1} = diag(f_t) exactly.
+        first = int(np.prod(leaves[0].shape, dtype=int))
+        d = np.abs(np.diagonal(np.asarray(J), axis1=-2, axis2=-1))[..., first:]  # (B, T, S - first)
+        logd = np.log10(np.maximum(d, 1e-30))
+        cum = np.cumsum(logd[:, ::-1, :], axis=1)  # lag L = 1..T from the end
+        units = np.mean(cum, axis=0)  # (T, units): mean over sequences, per unit
         out["cell_log10_units"] = units
         out["cell_log10"] = np.max(units, axis=-1)  # the most persistent unit
     lyap = sp.lyapunov_spectrum(cell, body, xs, warmup=min(10, T // 5))
@@ -295,7 +314,7 @@ def analyse(cell, params: dict, xs: jax.Array, ys: jax.Array | None = None) -> d
         G = w_h.shape[1] // H
         blocks = [w_h[:, k * H : (k + 1) * H] for k in range(G)] if w_h.shape[0] == H else []
         out["eig_wh"] = [np.linalg.eigvals(b) for b in blocks]
-        out["gate_names"] = {"lstm": "ifgo", "gru": "rzn", "mgu": "fn", "janet": "fc"}.get(kind, "h")
+        out["gate_names"] = _gate_names(cell, body, xs.shape[-1], G)
         out["sigma_wh"] = float(np.linalg.norm(w_h, 2))
     Jn = np.asarray(J[0], dtype=np.float64)
     eig = np.linalg.eigvals(Jn)  # (T, S)

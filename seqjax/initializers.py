@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax._util import bind
+
 __all__ = [
     "Initializer",
     "uniform",
@@ -51,15 +53,60 @@ def _split_blocks(shape: tuple[int, ...], gates: int, name: str) -> int:
     return shape[1] // gates
 
 
-def _per_block(block_init: Callable, gates: int, name: str) -> Initializer:
-    def init(key, shape, dtype=jnp.float32):
-        shape = tuple(shape)
-        width = _split_blocks(shape, gates, name)
-        keys = jax.random.split(key, gates)
-        blocks = [block_init(k, (shape[0], width), dtype) for k in keys]
-        return jnp.concatenate(blocks, axis=1)
+def _per_block_init(key, shape, dtype=jnp.float32, *, block, gates, name):
+    shape = tuple(shape)
+    width = _split_blocks(shape, gates, name)
+    keys = jax.random.split(key, gates)
+    blocks = [block(k, (shape[0], width), dtype) for k in keys]
+    return jnp.concatenate(blocks, axis=1)
 
-    return init
+
+def _per_block(block_init: Callable, gates: int, name: str) -> Initializer:
+    # A hashable value: initialisers built twice with the same arguments are equal, so the
+    # cells that hold them are too.
+    return bind(_per_block_init, block=block_init, gates=int(gates), name=name)
+
+
+def _uniform(key, shape, dtype=jnp.float32, *, scale):
+    return jax.random.uniform(key, tuple(shape), dtype, -scale, scale)
+
+
+def _glorot_block(key, shape, dtype):
+    a = float(np.sqrt(6.0 / (shape[0] + shape[1])))
+    return jax.random.uniform(key, shape, dtype, -a, a)
+
+
+def _orthogonal_block(key, shape, dtype, *, gain):
+    return jax.nn.initializers.orthogonal(scale=gain)(key, shape, dtype)
+
+
+def _identity_block(key, shape, dtype, *, gain):
+    del key
+    if shape[0] != shape[1]:
+        raise ValueError(
+            f"identity: each gate block must be square, got a block of shape {shape}; "
+            "use it for recurrent kernels (H, gates * H)."
+        )
+    return gain * jnp.eye(shape[0], dtype=dtype)
+
+
+def _scaled_gaussian(key, shape, dtype=jnp.float32, *, gain):
+    shape = tuple(shape)
+    std = gain / float(np.sqrt(shape[0]))
+    return std * jax.random.normal(key, shape, dtype)
+
+
+def _constant(key, shape, dtype=jnp.float32, *, value):
+    del key
+    return jnp.full(tuple(shape), value, dtype)
+
+
+def _spectral_block(key, shape, dtype, *, radius, base):
+    if shape[0] != shape[1]:
+        raise ValueError(
+            f"with_spectral_radius: each gate block must be square, got a block of shape {shape}."
+        )
+    return rescale_spectral_radius(base(key, shape, dtype), radius)
 
 
 def uniform(scale: float) -> Initializer:
@@ -72,10 +119,7 @@ def uniform(scale: float) -> Initializer:
       ``init(key, shape, dtype)`` returning an array of ``shape``.
     """
 
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, tuple(shape), dtype, -scale, scale)
-
-    return init
+    return bind(_uniform, scale=scale)
 
 
 def pytorch_uniform(hidden_size: int) -> Initializer:
@@ -100,11 +144,7 @@ def glorot_uniform(gates: int = 1) -> Initializer:
         own ``fan_out``.
     """
 
-    def block(key, shape, dtype):
-        a = float(np.sqrt(6.0 / (shape[0] + shape[1])))
-        return jax.random.uniform(key, shape, dtype, -a, a)
-
-    return _per_block(block, gates, "glorot_uniform")
+    return _per_block(bind(_glorot_block), gates, "glorot_uniform")
 
 
 def orthogonal(gain: float = 1.0, gates: int = 1) -> Initializer:
@@ -117,12 +157,7 @@ def orthogonal(gain: float = 1.0, gates: int = 1) -> Initializer:
       gain: multiplier applied to each orthogonal block.
       gates: number of column blocks; each block is orthogonal on its own.
     """
-    base = jax.nn.initializers.orthogonal(scale=gain)
-
-    def block(key, shape, dtype):
-        return base(key, shape, dtype)
-
-    return _per_block(block, gates, "orthogonal")
+    return _per_block(bind(_orthogonal_block, gain=gain), gates, "orthogonal")
 
 
 def identity(gain: float = 1.0, gates: int = 1) -> Initializer:
@@ -135,16 +170,7 @@ def identity(gain: float = 1.0, gates: int = 1) -> Initializer:
       gates: number of square column blocks.
     """
 
-    def block(key, shape, dtype):
-        del key
-        if shape[0] != shape[1]:
-            raise ValueError(
-                f"identity: each gate block must be square, got a block of shape {shape}; "
-                "use it for recurrent kernels (H, gates * H)."
-            )
-        return gain * jnp.eye(shape[0], dtype=dtype)
-
-    return _per_block(block, gates, "identity")
+    return _per_block(bind(_identity_block, gain=gain), gates, "identity")
 
 
 def scaled_gaussian(gain: float = 1.0) -> Initializer:
@@ -158,12 +184,7 @@ def scaled_gaussian(gain: float = 1.0) -> Initializer:
       gain: the gain ``g``.
     """
 
-    def init(key, shape, dtype=jnp.float32):
-        shape = tuple(shape)
-        std = gain / float(np.sqrt(shape[0]))
-        return std * jax.random.normal(key, shape, dtype)
-
-    return init
+    return bind(_scaled_gaussian, gain=gain)
 
 
 def zeros(key, shape, dtype=jnp.float32):
@@ -175,11 +196,7 @@ def zeros(key, shape, dtype=jnp.float32):
 def constant(value: float) -> Initializer:
     """All entries equal to ``value``."""
 
-    def init(key, shape, dtype=jnp.float32):
-        del key
-        return jnp.full(tuple(shape), value, dtype)
-
-    return init
+    return bind(_constant, value=value)
 
 
 def spectral_radius(w: jax.Array) -> jax.Array:
@@ -221,14 +238,7 @@ def with_spectral_radius(radius: float, base: Initializer | None = None, *, gate
     """
     base = scaled_gaussian(1.0) if base is None else base
 
-    def block(key, shape, dtype):
-        if shape[0] != shape[1]:
-            raise ValueError(
-                f"with_spectral_radius: each gate block must be square, got a block of shape {shape}."
-            )
-        return rescale_spectral_radius(base(key, shape, dtype), radius)
-
-    return _per_block(block, gates, "with_spectral_radius")
+    return _per_block(bind(_spectral_block, radius=radius, base=base), gates, "with_spectral_radius")
 
 
 def _as_initializer(obj: Any, name: str) -> Initializer:

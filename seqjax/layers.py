@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax import initializers as inits
-from seqjax.cells import Cell, CellMeta
+from seqjax.cells import Cell, CellMeta, stack
+from seqjax.cells.wrappers import _check_carry_tuple, _check_layers_params, _dtype_of, _keep_mask
 from seqjax.unroll import sequence_mask, unroll
 
 __all__ = [
@@ -76,8 +77,8 @@ class Layer(NamedTuple):
         ``ys: (*batch, T, O)``, ``lengths: (*batch,)``; outputs past each sequence's length
         are zero, as in ``unroll``.
       initial_carry: ``(params, batch_shape=()) -> carry`` (zeros).
-      meta: a ``CellMeta`` describing the layer (``kind`` ``"recurrent"``,
-        ``"bidirectional"`` or ``"stack_layers"``), or ``None``.
+      meta: a ``CellMeta`` describing the layer for people (``name`` ``"recurrent"``,
+        ``"bidirectional"`` or ``"stack_layers"``), or ``None``; never read to choose a path.
     """
 
     init: Callable[..., Params]
@@ -126,11 +127,6 @@ def _check_rate(rate, name="dropout") -> float:
     return float(rate)
 
 
-def _keep_mask(key, rate: float, shape, dtype) -> jax.Array:
-    keep = jax.random.bernoulli(key, 1.0 - rate, tuple(shape))
-    return keep.astype(dtype) / jnp.asarray(1.0 - rate, dtype)
-
-
 def output_size(model: Cell | Layer, params: Params, input_size: int) -> int:
     """The number of output features ``O`` of a cell or layer fed ``input_size`` features.
 
@@ -173,132 +169,11 @@ def _init_in_sequence(models, key, input_size: int) -> tuple:
     return tuple(params)
 
 
-def _dtype_of(params) -> jnp.dtype:
-    leaves = [leaf for leaf in jax.tree_util.tree_leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating)]
-    return jnp.result_type(*[leaf.dtype for leaf in leaves]) if leaves else jnp.float32
-
-
-def _check_layers_params(params, n: int, what: str) -> None:
-    if not isinstance(params, (tuple, list)) or len(params) != n:
-        got = (
-            f"a {type(params).__name__} of length {len(params)}"
-            if isinstance(params, (tuple, list))
-            else type(params).__name__
-        )
-        raise ValueError(
-            f"{what}: params must be a tuple/list with one entry per layer ({n}), got {got}; "
-            f"make them with {what}(...).init(key, input_size)."
-        )
-
-
-def _check_carry_tuple(carry, n: int, what: str) -> None:
-    if not isinstance(carry, (tuple, list)) or len(carry) != n:
-        raise ValueError(
-            f"{what}: carry must be a tuple with one carry per layer ({n}); make it with "
-            f"{what}(...).initial_carry(params, batch_shape)."
-        )
-
-
 def _time_mask(lengths, ys: jax.Array, time_axis: int) -> jax.Array:
     """Boolean ``(*ys.shape[:-1])`` mask ``t < lengths`` with time at ``time_axis`` of ``ys``."""
     ta = time_axis % ys.ndim
     T = ys.shape[ta]
     return sequence_mask(jnp.asarray(lengths), T, time_axis=ta)
-
-
-# --------------------------------------------------------------------------- stack (a Cell)
-
-
-def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None = None) -> Cell:
-    r"""Deep recurrent network as one ``Cell``: layer ``l`` reads the output of layer ``l-1``.
-
-    At each step ``t``::
-
-        carry^l_t, y^l_t = cell_l.step(params[l], carry^l_{t-1}, y^{l-1}_t),   y^0_t = x_t
-
-    and the stack's output is ``y^L_t``. The carry is the tuple ``(carry^1, ..., carry^L)``,
-    so ``unroll(stack(cells), params, xs)`` runs all layers in one scan over time. This is
-    mathematically the same as unrolling layer 1 over the whole sequence, then layer 2 over
-    its outputs, and so on (``stack_layers``), for causal cells.
-
-    Params: a tuple, ``params[l]`` exactly what ``cells[l].init`` makes for the output size
-    of layer ``l-1``. Carry: a tuple of the cells' carries. ``meta`` is
-    ``CellMeta("stack", H_L, {"cells": tuple(cells)})`` (``H_L``: the last cell's
-    ``hidden_size``), which fast paths may use to run layer by layer. With dropout the kind
-    is ``"stack_dropout"`` (options also hold ``dropout`` and ``key``), so such fast paths
-    do not silently drop the dropout.
-
-    ``gates`` (when every cell has one) returns ``{"layer_0": gates_0, ...}``.
-
-    Args:
-      cells: one or more ``Cell``.
-      dropout: rate in ``[0, 1)`` of dropout on the input of layers ``2..L`` (the outputs
-        of layers ``1..L-1``): one mask per sequence, shared by all time steps
-        (variational), drawn from ``fold_in(key, l)``.
-      key: PRNG key, needed when ``dropout > 0``. Build the stack with a fresh key for each
-        training step (inside the jitted loss is fine); build it without dropout for
-        evaluation. Params are the same either way. The masks have the batch shape the
-        step sees: under ``jax.vmap`` over sequences, build the stack inside the mapped
-        function with a per-sequence key, or every sequence shares one mask.
-
-    Returns:
-      A ``Cell``.
-
-    Example::
-
-      cell = stack([seqjax.lstm(64), seqjax.lstm(64)])
-      params = cell.init(jax.random.key(0), input_size=8)     # (params_0, params_1)
-      (c1, c2), ys = seqjax.unroll(cell, params, xs)            # ys: (B, T, 64)
-    """
-    cells = tuple(cells)
-    if not cells:
-        raise ValueError("stack: cells must hold at least one Cell, got an empty sequence.")
-    for i, c in enumerate(cells):
-        if not isinstance(c, Cell):
-            raise TypeError(f"stack: cells[{i}] must be a seqjax.Cell, got {type(c).__name__}.")
-    rate = _check_rate(dropout)
-    if rate and key is None:
-        raise ValueError("stack: dropout > 0 needs a PRNG key: stack(cells, dropout=rate, key=key).")
-    L = len(cells)
-
-    def init(key_init, input_size):
-        return _init_in_sequence(cells, key_init, input_size)
-
-    def initial_carry(params, batch_shape=()):
-        _check_layers_params(params, L, "stack")
-        return tuple(c.initial_carry(p, batch_shape) for c, p in zip(cells, params, strict=True))
-
-    def step(params, carry, x):
-        _check_layers_params(params, L, "stack")
-        _check_carry_tuple(carry, L, "stack")
-        new = []
-        y = x
-        for l, (c, p, h) in enumerate(zip(cells, params, carry, strict=True)):
-            if l and rate:
-                y = y * _keep_mask(jax.random.fold_in(key, l), rate, y.shape, y.dtype)
-            h, y = c.step(p, h, y)
-            new.append(h)
-        return tuple(new), y
-
-    gates = None
-    if all(c.gates is not None for c in cells):
-
-        def gates(params, carry, x):
-            out = {}
-            y = x
-            for l, (c, p, h) in enumerate(zip(cells, params, carry, strict=True)):
-                if l and rate:
-                    y = y * _keep_mask(jax.random.fold_in(key, l), rate, y.shape, y.dtype)
-                out[f"layer_{l}"] = c.gates(p, h, y)
-                _, y = c.step(p, h, y)
-            return out
-
-    H = cells[-1].meta.hidden_size if cells[-1].meta is not None else 0
-    if rate:
-        meta = CellMeta("stack_dropout", H, {"cells": cells, "dropout": rate, "key": key})
-    else:
-        meta = CellMeta("stack", H, {"cells": cells})
-    return Cell(init, initial_carry, step, gates, meta)
 
 
 # --------------------------------------------------------------------------- layers

@@ -164,19 +164,11 @@ class Recurrent(nnx.Module):
 
 
 def _input_size_of(cell: Cell, params: Any) -> int:
-    if isinstance(params, Mapping):
-        if (
-            "w_x" in params
-            and cell.meta is not None
-            and cell.meta.kind in ("rnn", "lstm", "gru", "mgu", "janet")
-        ):
-            return int(params["w_x"].shape[0])
-        if "w" in params and cell.meta is not None and cell.meta.kind == "tdnn":
-            return int(params["w"].shape[0]) // int(cell.meta.options["window"])
-        if "w_x" in params and cell.meta is not None and cell.meta.kind == "narx":
-            return int(params["w_x"].shape[0]) // int(cell.meta.options["window"])
+    if cell.input_size is not None:
+        return int(cell.input_size(params))
     raise ValueError(
-        "cannot read the input size from these params; use Recurrent(cell, input_size, params=params)."
+        "cannot read the input size from these params (the cell has no input_size capability); "
+        "use Recurrent(cell, input_size, params=params)."
     )
 
 

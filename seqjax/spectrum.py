@@ -48,7 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.cells import Cell, get_activation
+from seqjax._util import promote
+from seqjax.cells import Cell
 from seqjax.unroll import unroll
 
 __all__ = [
@@ -158,132 +159,45 @@ def _flat_step(cell: Cell, params: Any, like: Any) -> Callable[[jax.Array, jax.A
     return f
 
 
-# --------------------------------------------------------------------------- analytic Jacobians
-
-
-def _elementwise_derivative(f: Callable, z: jax.Array) -> jax.Array:
-    """``f'(z)`` for an elementwise ``f`` (one JVP with a ones tangent: the same derivative
-    autodiff uses, including the convention at ReLU's kink)."""
-    return jax.jvp(f, (z,), (jnp.ones_like(z),))[1]
-
-
-def _bias_vec(params, key, z):
-    return z + params[key] if key in params else z
-
-
-def _rnn_jac(params, options, s, x):
-    f = get_activation(options.get("activation", "tanh"))
-    net = _bias_vec(params, "b_h", x @ params["w_x"] + s @ params["w_h"] + params["b"])
-    fp = _elementwise_derivative(f, net)
-    return fp[:, None] * params["w_h"].T
-
-
-def _lstm_jac(params, H, s, x):
-    h, c = s[:H], s[H:]
-    w = params["w_h"]
-    z = _bias_vec(params, "b_h", x @ params["w_x"] + h @ w + params["b"])
-    i = jax.nn.sigmoid(z[:H])
-    f = jax.nn.sigmoid(z[H : 2 * H])
-    g = jnp.tanh(z[2 * H : 3 * H])
-    o = jax.nn.sigmoid(z[3 * H :])
-    c_new = f * c + i * g
-    tc = jnp.tanh(c_new)
-    wi, wf, wg, wo = (w[:, k * H : (k + 1) * H].T for k in range(4))  # (H, H): dz_k/dh
-    dc_dh = (
-        (c * f * (1 - f))[:, None] * wf + (g * i * (1 - i))[:, None] * wi + (i * (1 - g * g))[:, None] * wg
-    )
-    dc_dc = jnp.diag(f)
-    dtc = o * (1 - tc * tc)
-    dh_dh = (tc * o * (1 - o))[:, None] * wo + dtc[:, None] * dc_dh
-    dh_dc = jnp.diag(dtc * f)
-    return jnp.block([[dh_dh, dh_dc], [dc_dh, dc_dc]])
-
-
-def _gru_jac(params, H, s, x):
-    h = s
-    w = params["w_h"]
-    gx = x @ params["w_x"] + params["b"]
-    gh = h @ w + params["b_h"]
-    r = jax.nn.sigmoid(gx[:H] + gh[:H])
-    z = jax.nn.sigmoid(gx[H : 2 * H] + gh[H : 2 * H])
-    n = jnp.tanh(gx[2 * H :] + r * gh[2 * H :])
-    wr, wz, wn = (w[:, k * H : (k + 1) * H].T for k in range(3))
-    dr = (r * (1 - r))[:, None] * wr
-    dz = (z * (1 - z))[:, None] * wz
-    dn = (1 - n * n)[:, None] * (gh[2 * H :][:, None] * dr + r[:, None] * wn)
-    return (h - n)[:, None] * dz + (1 - z)[:, None] * dn + jnp.diag(z)
-
-
-def _mgu_jac(params, H, s, x):
-    h = s
-    w = params["w_h"]
-    gx = x @ params["w_x"] + params["b"]
-    f = jax.nn.sigmoid(gx[:H] + h @ w[:, :H])
-    n = jnp.tanh(gx[H:] + (f * h) @ w[:, H:])
-    df = (f * (1 - f))[:, None] * w[:, :H].T
-    dfh = h[:, None] * df + jnp.diag(f)
-    dn = (1 - n * n)[:, None] * (w[:, H:].T @ dfh)
-    return jnp.diag(1 - f) + (n - h)[:, None] * df + f[:, None] * dn
-
-
-def _janet_jac(params, H, beta, s, x):
-    h = s
-    w = params["w_h"]
-    zz = x @ params["w_x"] + h @ w + params["b"]
-    sf = zz[:H]
-    f = jax.nn.sigmoid(sf)
-    sb = jax.nn.sigmoid(sf - beta)
-    ct = jnp.tanh(zz[H:])
-    wf, wc = w[:, :H].T, w[:, H:].T
-    return (
-        jnp.diag(f)
-        + (h * f * (1 - f) - ct * sb * (1 - sb))[:, None] * wf
-        + ((1 - sb) * (1 - ct * ct))[:, None] * wc
-    )
-
-
-def _analytic_jacobian_fn(cell: Cell, params: Any) -> Callable | None:
-    """``(s, x) -> J`` for built-in cells with a closed-form Jacobian, else ``None``."""
-    meta = cell.meta
-    if meta is None:
-        return None
-    kind, H, opts = meta.kind, meta.hidden_size, dict(meta.options)
-    if kind == "learnable_carry":
-        inner = opts.get("inner")
-        if not isinstance(inner, Cell) or not isinstance(params, dict) or "cell" not in params:
-            return None
-        return _analytic_jacobian_fn(inner, params["cell"])
-    if not isinstance(params, dict):
-        return None
-    if kind == "rnn":
-        return lambda s, x: _rnn_jac(params, opts, s, x)
-    if kind == "lstm" and not opts.get("proj_size", 0) and "w_p" not in params:
-        return lambda s, x: _lstm_jac(params, H, s, x)
-    if kind == "gru":
-        return lambda s, x: _gru_jac(params, H, s, x)
-    if kind == "mgu":
-        return lambda s, x: _mgu_jac(params, H, s, x)
-    if kind == "janet":
-        return lambda s, x: _janet_jac(params, H, opts.get("beta", 1.0), s, x)
-    return None
+# ------------------------------------------------------------------ Jacobians: capability or autodiff
 
 
 def _jacobian_fn(cell: Cell, params: Any, method: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``(s, x) -> J`` on unbatched flat states: the cell's ``jacobian`` capability (``"auto"``,
+    ``"analytic"``) or ``jax.jacfwd`` of the flattened step (``"autodiff"``, or ``"auto"``
+    for a cell without one)."""
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+    like = _like(cell, params)
     if method in ("auto", "analytic"):
-        fn = _analytic_jacobian_fn(cell, params)
-        if fn is not None:
-            return fn
+        if cell.jacobian is not None:
+
+            def jac(s, x):
+                return cell.jacobian(params, unflatten_state(s, like), x).astype(s.dtype)
+
+            return jac
         if method == "analytic":
-            kind = cell.meta.kind if cell.meta is not None else None
+            name = cell.meta.name if cell.meta is not None else "this cell"
             raise ValueError(
-                f"method='analytic': no closed-form Jacobian for this cell (meta.kind={kind!r}); "
-                "analytic paths exist for rnn/irnn, lstm (proj_size=0), gru, mgu and janet. "
-                "Use method='autodiff' or 'auto'."
+                f"method='analytic': {name} has no jacobian capability (cell.jacobian is None); "
+                "use method='autodiff' or 'auto', or give the cell one: "
+                "Cell(..., jacobian=lambda params, carry, x: J)."
             )
-    f = _flat_step(cell, params, _like(cell, params))
-    return jax.jacfwd(f, argnums=0)
+    return jax.jacfwd(_flat_step(cell, params, like), argnums=0)
+
+
+def _diagonal_fn(cell: Cell, params: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``(s, x) -> diag J``: the ``jacobian_diagonal`` capability, else the diagonal of
+    ``_jacobian_fn(..., "auto")``."""
+    like = _like(cell, params)
+    if cell.jacobian_diagonal is not None:
+
+        def diag(s, x):
+            return cell.jacobian_diagonal(params, unflatten_state(s, like), x).astype(s.dtype)
+
+        return diag
+    jac = _jacobian_fn(cell, params, "auto")
+    return lambda s, x: jnp.diagonal(jac(s, x))
 
 
 def _check_single(cell, params, carry, x_t, name="carry"):
@@ -317,14 +231,15 @@ def step_jacobian(cell: Cell, params: Any, carry: Any, x_t: jax.Array, *, method
       params: its params.
       carry: one *unbatched* carry (leaves without batch axes).
       x_t: one input ``(I,)``.
-      method: ``"auto"`` (closed form for built-in rnn/irnn, lstm without projection, gru,
-        mgu, janet; autodiff otherwise), ``"analytic"`` (error if none) or ``"autodiff"``
+      method: ``"auto"`` (the cell's ``jacobian`` capability when it has one, autodiff
+        otherwise), ``"analytic"`` (the capability, or an error) or ``"autodiff"``
         (``jax.jacfwd`` of the flattened step).
 
     Returns:
       ``J: (S, S)``.
     """
     x_t = _check_single(cell, params, carry, x_t)
+    params, x_t, carry, _ = promote(params, x_t, carry)
     s = flatten_state(carry)
     return _jacobian_fn(cell, params, method)(s, x_t)
 
@@ -332,6 +247,7 @@ def step_jacobian(cell: Cell, params: Any, carry: Any, x_t: jax.Array, *, method
 def input_jacobian(cell: Cell, params: Any, carry: Any, x_t: jax.Array) -> jax.Array:
     """Input Jacobian ``B = ds_t/dx_t: (S, I)`` at one unbatched ``(carry, x_t)`` (autodiff)."""
     x_t = _check_single(cell, params, carry, x_t)
+    params, x_t, carry, _ = promote(params, x_t, carry)
     f = _flat_step(cell, params, _like(cell, params))
     return jax.jacfwd(f, argnums=1)(flatten_state(carry), x_t)
 
@@ -419,6 +335,7 @@ def step_jacobians(
     xs_bm = _batch_major(xs, time_axis)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+    params, xs_bm, carry, _ = promote(params, xs_bm, carry)
     nlead = xs_bm.ndim - 1
 
     def core(params, xs_bm, carry):
@@ -934,8 +851,8 @@ def lyapunov_spectrum(
     numerical rank; its log is ``-inf`` and so is the exponent (never NaN). Default
     ``rank_tol = S * eps(dtype)``; ``rank_tol=0`` keeps the raw values.
 
-    Dense or matrix-free: by default ``J_t`` is formed (analytic for built-ins, else
-    ``jax.jacfwd``) and multiplied into the frame. With ``matrix_free=True`` the frame is
+    Dense or matrix-free: by default ``J_t`` is formed (the cell's ``jacobian`` capability,
+    else ``jax.jacfwd``) and multiplied into the frame. With ``matrix_free=True`` the frame is
     pushed through ``jax.linearize`` of the step (``k`` JVPs per step) and no ``S x S`` matrix
     exists: memory ``O(T S + S k)`` and time ``O(T k * cost(step) + T S k^2)``, usable at
     ``H = 4096`` for modest ``k``.
@@ -971,6 +888,7 @@ def lyapunov_spectrum(
     References: Benettin et al. (1980); Eckmann & Ruelle (1985); Engelken, Wolf & Abbott (2020).
     """
     xs_bm = _batch_major(xs, time_axis)
+    params, xs_bm, carry, _ = promote(params, xs_bm, carry)
     T = xs_bm.shape[-2]
     S = state_size(cell, params)
     if frame is not None and k is None:
@@ -1019,6 +937,7 @@ def lyapunov_spectrum(
 
 def _single_linear(cell, params, carry, x_t):
     x_t = _check_single(cell, params, carry, x_t)
+    params, x_t, carry, _ = promote(params, x_t, carry)
     f = _flat_step(cell, params, _like(cell, params))
     s = flatten_state(carry)
     _, lin = jax.linearize(lambda v: f(v, x_t), s)
@@ -1132,20 +1051,13 @@ def top_eigenvalues(
 # --------------------------------------------------------------------------- gradient-flow report
 
 
-_GAMMA = {"tanh": 1.0, "sigmoid": 0.25, "relu": 1.0, "leaky_relu": 1.0, "identity": 1.0, "linear": 1.0}
-
-
-def _recurrent_matrix(cell, params):
-    meta = cell.meta
-    if meta is not None and meta.kind == "learnable_carry" and isinstance(params, dict) and "cell" in params:
-        return _recurrent_matrix(meta.options.get("inner"), params["cell"])
-    if isinstance(params, dict) and "w_h" in params and np.ndim(params["w_h"]) == 2:
-        gamma = None
-        if meta is not None and meta.kind == "rnn":
-            act = meta.options.get("activation", "tanh")
-            gamma = _GAMMA.get(act) if isinstance(act, str) else None
-        return params["w_h"], gamma, meta.kind if meta is not None else None
-    return None, None, meta.kind if meta is not None else None
+def _recurrent_bound(cell, params):
+    """``(sigma_max, gamma, name)`` from the cell's ``jacobian_bound`` capability (``None`` when absent)."""
+    name = cell.meta.name if cell.meta is not None else None
+    if cell.jacobian_bound is None:
+        return None, None, name
+    sigma, gamma = cell.jacobian_bound(params)
+    return sigma, gamma, name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1158,7 +1070,7 @@ class GradientFlowReport:
     ``sigma_max(W_h) > 1/gamma`` is *necessary* for them to explode.
 
     Attributes (floats unless noted; logs natural, rates per step):
-      kind: ``cell.meta.kind`` (or ``None``).
+      kind: ``cell.meta.name`` (or ``None``), for display.
       state_size: ``S``.
       steps: ``T``.
       sigma_max: largest singular value of the recurrent matrix ``w_h`` (``None`` if the
@@ -1251,7 +1163,8 @@ def gradient_flow_report(
     for small and medium ``S``.
 
     Args:
-      cell: any ``Cell`` (the bound needs a ``w_h`` param and a known ``gamma``).
+      cell: any ``Cell`` (the bound ``||J_t|| <= sigma_max gamma`` needs the cell's
+        ``jacobian_bound`` capability, which the Elman cells carry).
       params: its params.
       xs: ``(*batch, T, I)``.
       carry: initial carry.
@@ -1272,9 +1185,9 @@ def gradient_flow_report(
     T, S = J.shape[-3], J.shape[-1]
     if T < 2:
         raise ValueError(f"gradient_flow_report needs at least 2 time steps in xs, got T={T}.")
-    w, g_default, kind = _recurrent_matrix(cell, params)
+    sigma, g_default, kind = _recurrent_bound(cell, params)
     gamma = g_default if gamma is None else float(gamma)
-    sigma = None if w is None else float(jnp.linalg.norm(jnp.asarray(w), ord=2))
+    sigma = None if sigma is None else float(sigma)
     critical = None if gamma in (None, 0) else 1.0 / gamma
     bound = None if (sigma is None or gamma is None) else sigma * gamma
     norms = np.asarray(jnp.linalg.norm(J, ord=2, axis=(-2, -1)))

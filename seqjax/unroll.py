@@ -9,14 +9,15 @@ of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.cells import Cell, CellMeta
+from seqjax._scan import time_scan
+from seqjax._util import promote
+from seqjax.cells import Cell, learnable_carry
 
 __all__ = ["unroll", "UnrollAux", "sequence_mask", "learnable_carry", "check_params", "check_carry"]
 
@@ -89,7 +90,8 @@ def check_carry(
     cell: Cell, params: Any, carry: Any, batch_shape: tuple[int, ...], *, name: str = "carry"
 ) -> None:
     """Raise ``ValueError`` unless ``carry`` matches ``cell.initial_carry(params, batch_shape)``
-    in tree structure, shapes and dtypes."""
+    in tree structure and shapes, with floating leaves where the cell's are floating (the
+    floating dtype itself follows the dtype rule: it is promoted with the params')."""
     expected = jax.eval_shape(lambda p: cell.initial_carry(p, batch_shape), params)
     exp_leaves, exp_def = jax.tree_util.tree_flatten_with_path(expected)
     got_leaves, got_def = jax.tree_util.tree_flatten_with_path(carry)
@@ -105,10 +107,9 @@ def check_carry(
                 f"{where} has shape {tuple(np.shape(g))} but needs {tuple(e.shape)} "
                 f"(batch shape {batch_shape} of xs, then the cell's state size)."
             )
-        if jnp.result_type(g) != e.dtype:
+        if jnp.issubdtype(e.dtype, jnp.floating) and not jnp.issubdtype(jnp.result_type(g), jnp.floating):
             raise ValueError(
-                f"{where} has dtype {jnp.result_type(g)} but the cell's carry is {e.dtype} "
-                "(the dtype of the params); cast it."
+                f"{where} has dtype {jnp.result_type(g)} but the cell's carry is floating ({e.dtype})."
             )
 
 
@@ -192,10 +193,7 @@ def _check_rate(rate, name):
 # --------------------------------------------------------------------------- the time scan
 
 
-def _time_scan(body, init, xs, *, reverse=False, unroll=1):
-    """The one ``jax.lax.scan`` over time in seqjax (private; ``seqjax.bptt``'s fused kernels
-    scan through it too). ``xs`` leaves are time-major; ``None`` leaves are allowed."""
-    return jax.lax.scan(body, init, xs, reverse=reverse, unroll=unroll)
+_time_scan = time_scan  # the one lax.scan over time lives in seqjax._scan
 
 
 _BPTT_MODES = ("auto", "fused", "autodiff")
@@ -215,6 +213,26 @@ def _check_bptt_options(bptt, truncate, remat, T):
             f"remat must be False, True / 'step' (checkpoint every step) or a positive integer k "
             f"(checkpoint segments of k steps), got {remat!r}."
         )
+
+
+def _kernel_refusals(cell, requested, return_gates, recurrent_dropout, remat, T) -> list[str]:
+    """Why ``cell.kernel`` cannot run this request (empty: it can). Declared capabilities only."""
+    if cell.kernel is None:
+        return ["the cell has no kernel capability (cell.kernel is None)"]
+    why = [
+        f"its kernel does not accept {name!r} (kernel.accepts = {sorted(cell.kernel.accepts)})"
+        for name, on in requested.items()
+        if on and name not in cell.kernel.accepts
+    ]
+    if return_gates:
+        why.append("return_gates=True")
+    if recurrent_dropout:
+        why.append("recurrent_dropout (it changes the step)")
+    if remat not in (False, None):
+        why.append("remat")
+    if T == 0:
+        why.append("T = 0")
+    return why
 
 
 def _keep_flags(T, truncate, reverse, dtype):
@@ -295,14 +313,15 @@ def unroll(
       input_dropout, recurrent_dropout: dropout rates in ``[0, 1)``.
       key: PRNG key for dropout.
       unroll: passed to ``lax.scan``.
-      bptt: how gradients are computed. ``"auto"`` (default): the fused BPTT kernel of
-        ``seqjax.bptt`` (a ``jax.custom_vjp`` written from the BPTT equations, faster and
-        with fewer residuals) for built-in ``rnn``/``lstm``/``gru`` cells whenever the other
-        options allow it (everything except ``return_gates``, ``recurrent_dropout`` and
-        ``remat``), else autodiff of the plain scan. ``"fused"``: the kernel or a
-        ``ValueError`` saying why not. ``"autodiff"``: always ``jax.grad`` through the plain
-        scan (needed for forward-mode ``jax.jvp``/``jax.jacfwd``/``jax.hessian``, which a
-        ``custom_vjp`` does not support; ``jax.grad`` of ``jax.grad`` works on both paths).
+      bptt: how gradients are computed. ``"auto"`` (default): the cell's fused BPTT kernel
+        (its ``kernel`` capability, e.g. the ``jax.custom_vjp`` that ``rnn``, ``lstm``,
+        ``gru``, ``janet`` and stacks or wrappers of them carry) whenever the kernel accepts
+        every option asked for (``Kernel.accepts``) and neither ``return_gates``,
+        ``recurrent_dropout`` nor ``remat`` is set; else autodiff of the plain scan.
+        ``"fused"``: the kernel or a ``ValueError`` saying why not. ``"autodiff"``: always
+        ``jax.grad`` through the plain scan (needed for forward-mode
+        ``jax.jvp``/``jax.jacfwd``/``jax.hessian``, which a ``custom_vjp`` does not support;
+        ``jax.grad`` of ``jax.grad`` works on both paths).
       truncate: truncated BPTT: the gradient through the carry is stopped every ``truncate``
         steps (``stop_gradient`` on the carry entering scan positions ``k, 2k, ...``; the
         initial carry still gets the gradient of the first ``k`` steps). Forward values are
@@ -312,6 +331,10 @@ def unroll(
         checkpoint segments of ``k`` steps (an outer scan over ``ceil(T/k)`` segments whose
         body is a checkpointed inner scan; memory ``O(T/k + k)`` carries, about one extra
         forward pass of compute; ``k ~ sqrt(T)`` minimises memory).
+
+    Dtypes: params, floating inputs and the carry are cast to their promoted dtype
+    (``jnp.result_type``) before the scan; integer inputs are left alone; gradients come back
+    in each argument's own dtype (``docs/design/cells.md``, the dtype rule).
 
     Returns:
       ``(final_carry, ys)``, or ``(final_carry, ys, UnrollAux(carries, gates))`` when
@@ -342,10 +365,11 @@ def unroll(
     batch_shape = tuple(xs_tm.shape[1:-1])
     input_size = xs.shape[-1]
     check_params(cell, params, input_size)
-
-    carry0 = cell.initial_carry(params, batch_shape) if carry is None else carry
     if carry is not None:
         check_carry(cell, params, carry, batch_shape)
+    # The dtype rule: params, floating inputs and carry meet in their promoted dtype.
+    params, xs_tm, carry, _ = promote(params, xs_tm, carry)
+    carry0 = cell.initial_carry(params, batch_shape) if carry is None else carry
 
     flags = None
     if lengths is not None:
@@ -369,7 +393,7 @@ def unroll(
             raise ValueError("dropout needs a PRNG key: pass key=jax.random.key(...).")
         k_x, k_h = jax.random.split(key)
         if input_dropout:
-            x_mask = _dropout_mask(k_x, input_dropout, batch_shape + (input_size,), xs.dtype)
+            x_mask = _dropout_mask(k_x, input_dropout, batch_shape + (input_size,), xs_tm.dtype)
         if recurrent_dropout:
             field = _recurrent_leaves(carry0)
             target = getattr(carry0, field) if field else carry0
@@ -403,32 +427,26 @@ def unroll(
         return jnp.moveaxis(a, 0, ta)
 
     if bptt != "autodiff":
-        from seqjax import bptt as _bptt  # imported here: seqjax.bptt imports this module
-
-        why = []
-        if not _bptt.fused_supported(cell):
-            why.append("the cell has no fused kernel (see seqjax.bptt.fused_supported)")
-        if return_gates:
-            why.append("return_gates=True")
-        if recurrent_dropout:
-            why.append("recurrent_dropout")
-        if remat not in (False, None):
-            why.append("remat")
-        if T == 0:
-            why.append("T = 0")
+        requested = {
+            "mask": flags is not None,
+            "resets": rs is not None,
+            "truncate": keep is not None,
+            "reverse": bool(reverse),
+            "trajectory": bool(return_carries),
+        }
+        why = _kernel_refusals(cell, requested, return_gates, recurrent_dropout, remat, T)
         if not why:
-            final, ys, carries = _bptt._fused_unroll(
-                cell,
+            x_in = xs_tm if x_mask is None else xs_tm * x_mask[None]
+            final, ys, carries = cell.kernel.run(
                 params,
-                xs_tm,
                 carry0,
-                flags,
-                rs,
-                keep,
-                reverse=reverse,
-                unroll_k=unroll,
-                x_mask=x_mask,
-                all_c=return_carries,
+                x_in,
+                mask=flags,
+                resets=rs,
+                keep=keep,
+                reverse=bool(reverse),
+                unroll=unroll,
+                trajectory=bool(return_carries),
             )
             ys = back(ys)
             if not return_carries:
@@ -494,46 +512,3 @@ def unroll(
         jax.tree_util.tree_map(back, gates) if return_gates else None,
     )
     return final, ys, aux
-
-
-# --------------------------------------------------------------------------- learnable initial carry
-
-
-def learnable_carry(cell: Cell, init: Callable | None = None) -> Cell:
-    """Wrap ``cell`` so that its initial carry is a learned parameter.
-
-    The new params are ``{"cell": inner_params, "carry0": carry}`` where ``carry0`` has the
-    carry's tree with unbatched leaves (e.g. ``LSTMState(h: (H,), c: (H,))``); the initial
-    carry broadcasts it over the batch, so ``jax.grad`` reaches it through ``unroll``.
-
-    Args:
-      cell: any ``Cell``.
-      init: optional ``(key, carry_like) -> carry0``; default zeros.
-
-    Returns:
-      A ``Cell`` whose ``meta`` is ``CellMeta("learnable_carry", H, {"inner": cell})``.
-    """
-
-    def init_fn(key, input_size):
-        k_cell, k_c = jax.random.split(key)
-        inner = cell.init(k_cell, input_size)
-        c0 = cell.initial_carry(inner, ())
-        if init is not None:
-            c0 = init(k_c, c0)
-        return {"cell": inner, "carry0": c0}
-
-    def initial_carry(params, batch_shape=()):
-        bs = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
-        return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, bs + a.shape), params["carry0"])
-
-    def step(params, c, x):
-        return cell.step(params["cell"], c, x)
-
-    gates = None
-    if cell.gates is not None:
-
-        def gates(params, c, x):
-            return cell.gates(params["cell"], c, x)
-
-    H = cell.meta.hidden_size if cell.meta is not None else 0
-    return Cell(init_fn, initial_carry, step, gates, CellMeta("learnable_carry", H, {"inner": cell}))

@@ -1,0 +1,136 @@
+r"""The GRU in PyTorch's convention: gate equations written once; step, Jacobian, diagonal
+and fused kernel from them.
+
+With gate order ``r, z, n``, ``a = x W_x + b`` and ``u = h W_h + b_h``::
+
+    r = sigmoid(a_r + u_r)   z = sigmoid(a_z + u_z)   n = tanh(a_n + r * u_n)
+    h_t = (1 - z) * n + z * h_{t-1}
+
+and their derivatives (``_bwd``)::
+
+    dn = d (1 - z)(1 - n^2)   dz = d (h_{t-1} - n) z(1-z)   dr = dn u_n r(1-r)
+    dL/da = [dr, dz, dn]      dL/du = [dr, dz, dn * r]      dL/dh_{t-1} = dL/du W_h^T + d * z
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from seqjax._util import bind
+from seqjax.cells import _fused
+from seqjax.cells._core import (
+    Cell,
+    CellMeta,
+    carry_h,
+    check_carry_width,
+    check_hidden,
+    check_step_input,
+    gated_params,
+    rows_of,
+    zeros_carry,
+)
+
+__all__ = ["gru"]
+
+
+def _weights(params):
+    return params["w_x"], params["b"], params["w_h"], params["b_h"]
+
+
+def _split(h):
+    return (h,)
+
+
+def _join(state):
+    return state[0]
+
+
+def _gate_values(a, u, H):
+    rz = jax.nn.sigmoid(a[..., : 2 * H] + u[..., : 2 * H])
+    u_n = u[..., 2 * H :]
+    n = jnp.tanh(a[..., 2 * H :] + rz[..., :H] * u_n)
+    return rz, n, u_n
+
+
+def _fwd(a, u, state):
+    (h,) = state
+    H = h.shape[-1]
+    rz, n, u_n = _gate_values(a, u, H)
+    h_new = n + rz[..., H:] * (h - n)
+    return (h_new,), jnp.concatenate([rz, n, u_n], axis=-1)
+
+
+def _bwd(res, h_in, h_out, d):
+    H = h_in.shape[-1]
+    r, z, n, u_n = (res[..., k * H : (k + 1) * H] for k in range(4))
+    d = d[0]
+    dn = d * (1.0 - z) * (1.0 - n * n)
+    dz = d * (h_in - n) * z * (1.0 - z)
+    dr = dn * u_n * r * (1.0 - r)
+    d_a = jnp.concatenate([dr, dz, dn], axis=-1)
+    d_u = jnp.concatenate([dr, dz, dn * r], axis=-1)
+    return d_a, d_u, (d * z,)
+
+
+def _check(params, state, x, *, hidden_size):
+    (h,) = state
+    check_step_input("gru", x, params["w_x"].shape[0], h.shape[:-1])
+    check_carry_width("gru", "h", h, hidden_size)
+
+
+def _init(key, input_size, *, hidden_size, kernel_init, recurrent_init, bias_init):
+    return gated_params(key, input_size, hidden_size, 3, kernel_init, recurrent_init, bias_init, True)
+
+
+def _initial_carry(params, batch_shape=(), *, hidden_size):
+    return zeros_carry(params, batch_shape, hidden_size)[0]
+
+
+def _gates(params, carry, x, *, math):
+    a, u, _ = _fused._project(math, params, x, carry)
+    H = carry.shape[-1]
+    rz, n, _ = _gate_values(a, u, H)
+    return {"r": rz[..., :H], "z": rz[..., H:], "n": n}
+
+
+def gru(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=None) -> Cell:
+    r"""Gated recurrent unit in PyTorch's convention (Cho et al. 2014).
+
+    With gate order ``r, z, n`` (PyTorch's)::
+
+        r = sigmoid(x W_xr + b_r + h W_hr + b_hr)
+        z = sigmoid(x W_xz + b_z + h W_hz + b_hz)
+        n = tanh(x W_xn + b_n + r * (h W_hn + b_hn))     # reset applied after W_hn h + b_hn
+        h_t = (1 - z) * n + z * h_{t-1}
+
+    This is ``torch.nn.GRU`` exactly (and Flax's linen ``GRUCell``, which has
+    ``b_hr = b_hz = 0``). The original paper applies the reset before the matmul,
+    ``(r * h) W_hn``; that variant is not this cell.
+
+    Params (a dict): ``w_x: (I, 3H)``, ``w_h: (H, 3H)``, ``b: (3H,)`` (input side),
+    ``b_h: (3H,)`` (hidden side; its ``n`` block sits inside the reset product).
+
+    Carry: ``h: (*batch, H)``. Capabilities: output, Jacobian, diagonal, fused kernel, gates.
+
+    Args:
+      hidden_size: ``H``.
+      kernel_init, recurrent_init, bias_init: initialisers; default PyTorch's uniform.
+
+    Returns:
+      A ``Cell``; ``gates`` returns ``{"r", "z", "n"}`` activations ``(*batch, H)``.
+    """
+    H = check_hidden(hidden_size)
+    math = _fused.GateMath(bind(_weights), bind(_split), bind(_join), bind(_fwd), bind(_bwd), tied=False)
+    return Cell(
+        bind(
+            _init, hidden_size=H, kernel_init=kernel_init, recurrent_init=recurrent_init, bias_init=bias_init
+        ),
+        bind(_initial_carry, hidden_size=H),
+        bind(_fused.affine_step, math=math, check=bind(_check, hidden_size=H)),
+        output=bind(carry_h),
+        **_fused.affine_capabilities(math),
+        gates=bind(_gates, math=math),
+        input_size=bind(rows_of),
+        meta=CellMeta("gru", H, ()),
+    )
