@@ -5,10 +5,10 @@ warnings are errors (pyproject). Slow tests run only with ``--runslow`` (``.ci/r
 the README's test command pass it).
 """
 
-import contextlib
-
 import jax
 import pytest
+
+from helpers import x64_enabled
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -26,18 +26,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
-@contextlib.contextmanager
-def enable_x64():
-    """Float64 inside the block, restored after (compare in float64 where exactness matters)."""
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
+enable_x64 = x64_enabled  # the name older tests use
 
 
 @pytest.fixture
 def x64():
-    with enable_x64():
+    with x64_enabled():
         yield
+
+
+@pytest.fixture
+def key():
+    """A fixed PRNG key (tests that need several split it)."""
+    return jax.random.key(0)

@@ -111,12 +111,20 @@ def _case(name, run, init, out, *, jacobians=None):
         out[f"{name}/jacobians"] = np.asarray(jacobians(params, xs))
 
 
-def compute_all() -> dict[str, np.ndarray]:
-    """Every golden array, keyed ``case/what[path]``. Needs ``jax_enable_x64``."""
+def case_names() -> list[str]:
+    """The top-level cases (a cell or a layer each)."""
+    return list(_cells()) + list(_layers())
+
+
+def compute_all(only: str | None = None) -> dict[str, np.ndarray]:
+    """Every golden array, keyed ``case/what[path]`` (only case ``only`` when given).
+    Needs ``jax_enable_x64``."""
     if not jax.config.jax_enable_x64:
         raise RuntimeError("golden numerics are float64: enable jax_enable_x64 first")
     out: dict[str, np.ndarray] = {}
     for name, make in _cells().items():
+        if only is not None and name != only:
+            continue
         cell = make()
         options = _OPTIONS if name in _OPTION_CELLS else {"plain": {}}
         for opt_name, opts in options.items():
@@ -132,6 +140,8 @@ def compute_all() -> dict[str, np.ndarray]:
 
             _case(f"{name}/{opt_name}", run, cell.init, out, jacobians=jac)
     for name, make in _layers().items():
+        if only is not None and name != only:
+            continue
         layer = make()
         for opt_name, opts in {"plain": {}, "lengths": {"lengths": np.array([T, 4])}}.items():
 

@@ -141,6 +141,6 @@ def test_irnn_initialisation():
     p = cell.init(jax.random.key(0), I)
     np.testing.assert_array_equal(p["w_h"], np.float32(0.9) * np.eye(H, dtype=np.float32))
     np.testing.assert_array_equal(p["b"], np.zeros(H))
-    assert cell.meta.options["activation"] == "relu"
+    assert cell.meta.option("activation") == "relu"
     # input weights are small Gaussians, std 1e-3 (loose bound: 20 entries)
     assert 0 < float(jnp.std(p["w_x"])) < 5e-3
