@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_trees_close
 
 from seqjax import CellMeta, LSTMState, check_params, gru, lstm, rnn, unroll
 from seqjax.layers import (
@@ -45,16 +46,11 @@ def _cast(tree, dtype=jnp.float64):
     return jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
 
 
-def _close(a, b, tol=TOL):
-    jax.tree_util.tree_map(
-        lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=tol), a, b
-    )
-
-
 def test_stack_is_a_cell_with_the_documented_params_and_meta():
     cells = [lstm(5, proj_size=3), gru(4), rnn(6)]
     cell = stack(cells)
-    assert cell.meta == CellMeta("stack", 6, {"cells": tuple(cells)})
+    assert cell.meta == CellMeta("stack(lstm,gru,rnn)", 6, (("dropout", 0.0),))
+    assert cell == stack(cells) and hash(cell) == hash(stack(cells))  # equal when rebuilt
     params = _init(cell, 0, 2)
     assert isinstance(params, tuple) and len(params) == 3
     sizes = [2, 3, 4]  # input of each layer: I, then the previous layer's output size
@@ -83,14 +79,14 @@ def test_stack_equals_layer_by_layer_unrolling(x64):
         return tuple(carries), ys
 
     ref_carry, ref_ys = layer_by_layer(params, xs)
-    _close(ys, ref_ys)
-    _close(carry, ref_carry)
+    assert_trees_close(ys, ref_ys, rtol=0, atol=TOL)
+    assert_trees_close(carry, ref_carry, rtol=0, atol=TOL)
     assert np.all(np.asarray(ys)[1, 1:] == 0)  # zero past the length, as unroll
 
     # and so does stack_layers on the same params (layer by layer by construction)
     carry2, ys2 = jax.jit(lambda p, x: stack_layers(cells).apply(p, x, lengths=lengths))(params, xs)
-    _close(ys2, ref_ys)
-    _close(carry2, ref_carry)
+    assert_trees_close(ys2, ref_ys, rtol=0, atol=TOL)
+    assert_trees_close(carry2, ref_carry, rtol=0, atol=TOL)
 
 
 def test_stack_gates_are_per_layer_and_work_with_unroll():
@@ -101,9 +97,9 @@ def test_stack_gates_are_per_layer_and_work_with_unroll():
     assert set(aux.gates) == {"layer_0", "layer_1"}
     assert set(aux.gates["layer_0"]) == {"i", "f", "g", "o"} and aux.gates["layer_1"]["r"].shape == (2, 5, 3)
     # layer 1's gates are those of the GRU fed layer 0's outputs
-    _, ys0 = unroll(cell.meta.options["cells"][0], params[0], xs)
+    _, ys0 = unroll(lstm(4), params[0], xs)
     _, _, aux1 = unroll(gru(3), params[1], ys0, return_gates=True)
-    _close(aux.gates["layer_1"], aux1.gates, tol=1e-6)
+    assert_trees_close(aux.gates["layer_1"], aux1.gates, rtol=0, atol=1e-6)
 
 
 def test_stack_dropout_is_keyed_shared_over_time_and_documented(x64):
@@ -113,7 +109,7 @@ def test_stack_dropout_is_keyed_shared_over_time_and_documented(x64):
     xs = _xs(3, (4, 5, 2))
     key = jax.random.key(42)
     cell = stack(cells, dropout=rate, key=key)
-    assert cell.meta.kind == "stack_dropout"
+    assert cell.kernel is None and cell.meta.option("dropout") == rate  # dropout changes the step
     other = stack(cells, dropout=rate, key=jax.random.key(7))
     ys, ys_other = jax.jit(lambda p, x: (unroll(cell, p, x)[1], unroll(other, p, x)[1]))(params, xs)
     # reference: layer by layer, one Bernoulli mask per sequence from fold_in(key, 1),
@@ -125,7 +121,7 @@ def test_stack_dropout_is_keyed_shared_over_time_and_documented(x64):
         _, y1 = unroll(cells[0], p[0], x)
         return unroll(cells[1], p[1], y1 * keep[:, None, :])[1]
 
-    _close(ys, ref_fn(params, xs))
+    assert_trees_close(ys, ref_fn(params, xs), rtol=0, atol=TOL)
     assert 0 < float(jnp.mean(keep == 0)) < 1
     assert not np.allclose(np.asarray(ys), np.asarray(ys_other))
     with pytest.raises(ValueError, match="key"):
@@ -172,9 +168,11 @@ def test_bidirectional_under_lengths_equals_each_sequence_alone(x64):
         }
         for m, (carry, ys) in results.items():
             assert isinstance(carry, BiCarry)
-            _close(ys[b, :n], refs[m])
+            assert_trees_close(ys[b, :n], refs[m], rtol=0, atol=TOL)
             assert np.all(np.asarray(ys[b, n:]) == 0), m
-            _close(jax.tree_util.tree_map(lambda a: a[b], carry), BiCarry(h_f, h_b))
+            assert_trees_close(
+                jax.tree_util.tree_map(lambda a: a[b], carry), BiCarry(h_f, h_b), rtol=0, atol=TOL
+            )
 
 
 def test_bidirectional_defaults_and_errors():
@@ -205,8 +203,8 @@ def test_stack_layers_bidirectional_with_initial_carry_and_time_major(x64):
 
     (carry, ys), (c1, c2, y2) = both(params, xs)
     assert ys.shape == (4, 3, 2)
-    _close(ys, jnp.swapaxes(y2, 0, 1))
-    _close(carry, (c1, c2))
+    assert_trees_close(ys, jnp.swapaxes(y2, 0, 1), rtol=0, atol=TOL)
+    assert_trees_close(carry, (c1, c2), rtol=0, atol=TOL)
 
 
 def test_stack_layers_dropout_needs_a_key_and_is_pytorch_style():
@@ -218,7 +216,7 @@ def test_stack_layers_dropout_needs_a_key_and_is_pytorch_style():
     y_eval, y_ref = jax.jit(
         lambda p, x: (net.apply(p, x, deterministic=True)[1], unroll(stack([rnn(8), rnn(3)]), p, x)[1])
     )(params, xs)
-    _close(y_eval, y_ref, tol=1e-6)
+    assert_trees_close(y_eval, y_ref, rtol=0, atol=1e-6)
     apply = jax.jit(lambda p, x, k: net.apply(p, x, key=k)[1])
     y_a, y_b = apply(params, xs, jax.random.key(1)), apply(params, xs, jax.random.key(1))
     assert np.array_equal(np.asarray(y_a), np.asarray(y_b))
@@ -231,7 +229,7 @@ def test_as_layer_reverse_and_layer_type():
     assert isinstance(layer, Layer) and as_layer(layer) is layer
     params = _init(cell, 0, 2)
     xs = _xs(2, (5, 2), jnp.float32)
-    _close(layer.apply(params, xs)[1], unroll(cell, params, xs, reverse=True)[1], tol=0)
+    assert_trees_close(layer.apply(params, xs)[1], unroll(cell, params, xs, reverse=True)[1], rtol=0, atol=0)
 
 
 def test_dense_and_embedding_against_numpy():

@@ -7,20 +7,18 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import assert_trees_close
 
 import seqjax as sj
 from seqjax.nnx import GRU, LSTM, RNN, Bidirectional, Recurrent, Stack
 
 B, T, I, H = 3, 7, 4, 5
+# float32, identical operations in the same order: agreement to a few ulps.
+TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def _xs(seed=0, shape=(B, T, I)):
     return jax.random.normal(jax.random.key(seed), shape)
-
-
-def _close(a, b, tol=1e-6):
-    # float32, identical operations in the same order: agreement to a few ulps.
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize(
@@ -55,13 +53,13 @@ def test_module_equals_functional(make_mod, make_cell):
     for kw in [{}, {"lengths": lengths, "reverse": True}]:
         c_m, y_m = mod(xs, **kw)
         c_f, y_f = sj.unroll(cell, params, xs, **kw)
-        _close(y_m, y_f)
-        jax.tree_util.tree_map(_close, c_m, c_f)
+        assert_trees_close(y_m, y_f, **TOL)
+        assert_trees_close(c_m, c_f, **TOL)
     # under nnx.jit too (for the gated cells; the plain RNN shares the code path)
     if not isinstance(mod, RNN):
         c_j, y_j = nnx.jit(lambda m, x: m(x, lengths=lengths))(mod, xs)
         # jit may fuse differently from eager: float32 rounding, a few ulps per step
-        _close(y_j, sj.unroll(cell, params, xs, lengths=lengths)[1], tol=1e-5)
+        assert_trees_close(y_j, sj.unroll(cell, params, xs, lengths=lengths)[1], rtol=1e-5, atol=1e-5)
 
 
 def test_from_params_roundtrip_and_weights_used():
@@ -71,10 +69,10 @@ def test_from_params_roundtrip_and_weights_used():
     for k in params:
         np.testing.assert_array_equal(np.asarray(mod.to_params()[k]), np.asarray(params[k]))
     xs = _xs(1)
-    _close(mod(xs)[1], sj.unroll(cell, params, xs)[1])
+    assert_trees_close(mod(xs)[1], sj.unroll(cell, params, xs)[1], **TOL)
     # a change to a Param changes the output (the module reads its Params, not a copy)
     mod.w_h[...] = mod.w_h[...] * 0.0
-    _close(mod(xs)[1], sj.unroll(cell, {**params, "w_h": params["w_h"] * 0.0}, xs)[1])
+    assert_trees_close(mod(xs)[1], sj.unroll(cell, {**params, "w_h": params["w_h"] * 0.0}, xs)[1], **TOL)
     g = GRU.from_params(sj.gru(H).init(jax.random.key(0), I))
     assert g.hidden_size == H and g.input_size == I
     w = Recurrent.wrap(sj.rnn(H), sj.rnn(H).init(jax.random.key(0), I))
@@ -99,7 +97,7 @@ def test_nested_params_cell():
     mod = Recurrent(cell, I, rngs=nnx.Rngs(0))
     params = mod.to_params()
     xs = _xs(2)
-    _close(mod(xs)[1], sj.unroll(cell, params, xs)[1])
+    assert_trees_close(mod(xs)[1], sj.unroll(cell, params, xs)[1], **TOL)
     assert len(jax.tree_util.tree_leaves(nnx.state(mod, nnx.Param))) == len(jax.tree_util.tree_leaves(params))
 
 
@@ -116,19 +114,19 @@ def test_bidirectional_and_stack_equal_functional():
     _, yf = sj.unroll(sj.lstm(H), fwd.to_params(), xs, lengths=lengths)
     _, yb = sj.unroll(sj.gru(H), bwd.to_params(), xs, lengths=lengths, reverse=True)
     c_top, y_top = sj.unroll(sj.rnn(3), top.to_params(), jnp.concatenate([yf, yb], -1), lengths=lengths)
-    _close(ys, y_top)
-    _close(carries[1], c_top)
+    assert_trees_close(ys, y_top, **TOL)
+    assert_trees_close(carries[1], c_top, **TOL)
     assert ys.shape == (B, T, 3)
     p = net.to_params()
     assert set(p[0]) == {"fwd", "bwd"}
     # and equals the functional layer given the module's params
-    _close(net.as_layer().apply(p, xs, lengths=lengths)[1], ys)
+    assert_trees_close(net.as_layer().apply(p, xs, lengths=lengths)[1], ys, **TOL)
     # sum merge
     bi_sum = Bidirectional(RNN(I, H, rngs=rngs), RNN(I, H, rngs=rngs), merge="sum")
     _, y_s = bi_sum(xs)
     y1 = sj.unroll(sj.rnn(H), bi_sum.fwd.to_params(), xs)[1]
     y2 = sj.unroll(sj.rnn(H), bi_sum.bwd.to_params(), xs, reverse=True)[1]
-    _close(y_s, y1 + y2)
+    assert_trees_close(y_s, y1 + y2, **TOL)
 
 
 def test_stack_dropout():
@@ -136,12 +134,12 @@ def test_stack_dropout():
     net = Stack([RNN(I, H, rngs=rngs), RNN(H, H, rngs=rngs)], dropout=0.5, rngs=rngs)
     xs = _xs(5)
     y_det = net(xs)[1]
-    _close(y_det, net.as_layer().apply(net.to_params(), xs, deterministic=True)[1])
+    assert_trees_close(y_det, net.as_layer().apply(net.to_params(), xs, deterministic=True)[1], **TOL)
     y_r1, y_r2 = net(xs, deterministic=False)[1], net(xs, deterministic=False)[1]
     assert not np.allclose(np.asarray(y_r1), np.asarray(y_r2))  # rngs stream advances
     y_a = net(xs, deterministic=False, key=jax.random.key(0))[1]
     y_b = net(xs, deterministic=False, key=jax.random.key(0))[1]
-    _close(y_a, y_b)
+    assert_trees_close(y_a, y_b, **TOL)
     assert not np.allclose(np.asarray(y_a), np.asarray(y_det))
 
 
@@ -185,7 +183,7 @@ def test_training_step_with_nnx_optimizer():
     g_ref = jax.grad(f_loss)(p_rnn)
     g_nnx = nnx.grad(lambda m: jnp.mean((m(xs) - ys) ** 2))(model)
     for k in g_ref:
-        _close(g_nnx["rnn"][k][...], g_ref[k], tol=1e-5)
+        assert_trees_close(g_nnx["rnn"][k][...], g_ref[k], rtol=1e-5, atol=1e-5)
 
     first = float(step(model, opt, xs, ys))
     for _ in range(20):

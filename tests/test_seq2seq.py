@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_trees_close
 
 from seqjax import gru, lstm, rnn
 from seqjax.layers import bidirectional, dense, embedding, stack
@@ -32,12 +33,6 @@ def _init(model, seed, *sizes):
     shapes = jax.eval_shape(lambda k: model.init(k, *sizes), jax.random.key(0))
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.uniform(-0.6, 0.6, s.shape), s.dtype), shapes)
-
-
-def _close(a, b, tol=TOL):
-    jax.tree_util.tree_map(
-        lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=tol), a, b
-    )
 
 
 def _normal(seed, shape):
@@ -99,8 +94,8 @@ def test_many_to_one_and_many_to_many_equal_per_sequence_loops(x64):
     tags = jax.jit(lambda p, x, l: m2.apply(p, x, lengths=l))(params, xs, jnp.asarray(n))
     for b in range(3):
         _, ys = _loop(cell, params["body"], xs[b, : n[b]])
-        _close(logits[b], head.apply(params["head"], ys[-1]))
-        _close(tags[b, : n[b]], head.apply(params["head"], ys))
+        assert_trees_close(logits[b], head.apply(params["head"], ys[-1]), rtol=0, atol=TOL)
+        assert_trees_close(tags[b, : n[b]], head.apply(params["head"], ys), rtol=0, atol=TOL)
         assert np.all(np.asarray(tags[b, n[b] :]) == 0)
     # a bidirectional body with mean pooling
     r = rnn(3)
@@ -112,7 +107,7 @@ def test_many_to_one_and_many_to_many_equal_per_sequence_loops(x64):
         _, yf = _loop(r, p3["body"]["fwd"], x)
         _, yb = _loop(r, p3["body"]["bwd"], x[::-1])
         feats = jnp.concatenate([yf, yb[::-1]], -1).mean(0)
-        _close(out[b], dense(2).apply(p3["head"], feats))
+        assert_trees_close(out[b], dense(2).apply(p3["head"], feats), rtol=0, atol=TOL)
 
 
 def test_encoder_decoder_teacher_forcing_equals_python_loop(x64):
@@ -139,7 +134,7 @@ def test_encoder_decoder_teacher_forcing_equals_python_loop(x64):
             x = tgt[b, t]  # teacher forcing: the given decoder input
             for l, (cl, p) in enumerate(zip(cells, params["decoder"])):
                 c[l], x = _step(cl)(p, c[l], x)
-            _close(out[b, t], head.apply(params["head"], x))
+            assert_trees_close(out[b, t], head.apply(params["head"], x), rtol=0, atol=TOL)
         assert np.all(np.asarray(out[b, nt[b] :]) == 0)
 
 
@@ -157,7 +152,7 @@ def test_encoder_decoder_bridge_and_carry_check():
     )
     c0 = c.fwd + c.bwd
     ref = jnp.stack([_loop(dec, params["decoder"], tgt[b], c0[b])[1] for b in range(2)])
-    _close(out, dense(2).apply(params["head"], ref), tol=1e-6)
+    assert_trees_close(out, dense(2).apply(params["head"], ref), rtol=0, atol=1e-6)
 
 
 def _greedy_python(cell, params, head_p, emb_p, prompt_tokens, num_steps):
@@ -205,7 +200,7 @@ def test_generate_greedy_equals_python_loop_under_jit(x64):
     for b in range(2):
         ref, c_ref = _greedy_python(cell, p["cell"], p["head"], p["emb"], prompts[b, : int(plen[b])], 8)
         assert np.asarray(tokens[b]).tolist() == ref
-        _close(jax.tree_util.tree_map(lambda a: a[b], carry), c_ref)
+        assert_trees_close(jax.tree_util.tree_map(lambda a: a[b], carry), c_ref, rtol=0, atol=TOL)
     assert len(set(np.asarray(tokens).ravel().tolist())) > 1  # not a degenerate constant sequence
     # a traced temperature of 0 is greedy too
     t0 = jax.jit(
@@ -266,4 +261,4 @@ def test_closed_loop_equals_python_loop(x64):
         o = head.apply(ph, y)
         ref.append(o)
         c, y = _step(cell)(pc, c, o)
-    _close(outs[0], jnp.stack(ref))
+    assert_trees_close(outs[0], jnp.stack(ref), rtol=0, atol=TOL)

@@ -7,11 +7,13 @@ the adding problem. References are hand-written optax loops and NumPy formulas.
 import csv
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_trees_close
 
 import seqjax as sj
 from seqjax.tasks import ADDING_BASELINE_MSE, adding_problem
@@ -73,17 +75,6 @@ def manual_run(loss_fn, opt, params, batches, skip=()):
     return params
 
 
-def tree_equal(a, b):
-    return all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    )
-
-
-def tree_close(a, b, **kw):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
-
-
 # --------------------------------------------------------------------------- the step
 
 
@@ -129,7 +120,7 @@ def test_step_equals_optax_loop_and_reports_grad_norm():
         state, m = step(state, b)
         np.testing.assert_allclose(float(m["grad_norm"]), want, rtol=1e-6)  # float32 sum order
         assert bool(m["finite"]) and "clipped" not in m  # no track_clipping stage: no claim
-    tree_close(state.params, ref, rtol=1e-6, atol=1e-7)  # same ops; tolerance for XLA fusion order
+    assert_trees_close(state.params, ref, rtol=1e-6, atol=1e-7)  # same ops; tolerance for XLA fusion order
 
 
 def _np_clip(rule, thr, g, p):
@@ -172,8 +163,8 @@ def test_clipping_changes_updates_as_optax_says(rule, x64):
             k: np.asarray(p[k]) - lr * v
             for k, v in _np_clip(rule, thr, g, {k: np.asarray(a) for k, a in p.items()}).items()
         }
-        tree_close(new.params, want, rtol=1e-12, atol=1e-12)  # float64, a few flops
-        tree_close(new.params, manual_run(linear_loss, ref_opt, p, [(x, y)]), rtol=1e-13, atol=1e-14)
+        assert_trees_close(new.params, want, rtol=1e-12, atol=1e-12)  # float64, a few flops
+        assert_trees_close(new.params, manual_run(linear_loss, ref_opt, p, [(x, y)]), rtol=1e-13, atol=1e-14)
         assert bool(m["clipped"]) == expect_clip
         np.testing.assert_allclose(float(m["grad_norm"]), gnorm, rtol=1e-12)  # before clipping
 
@@ -315,12 +306,12 @@ def test_fit_fused_equals_single_and_fn_and_iterable_data():
     kw = dict(key=jax.random.key(5), steps=12, batch_size=8, log_every=6, mesh=None)
     a = fit(linear_loss, optax.adam(1e-2), p, (x, y), **kw)
     b = fit(linear_loss, optax.adam(1e-2), p, (x, y), steps_per_call=3, **kw)
-    tree_close(a.state.params, b.state.params, rtol=1e-6, atol=1e-7)  # scan vs calls: fusion order
+    assert_trees_close(a.state.params, b.state.params, rtol=1e-6, atol=1e-7)  # scan vs calls: fusion order
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
     c = fit(
         linear_loss, optax.adam(1e-2), p, batches, key=jax.random.key(0), epochs=2, log_every=6, mesh=None
     )
-    tree_close(
+    assert_trees_close(
         c.state.params, manual_run(linear_loss, optax.adam(1e-2), p, batches * 2), rtol=1e-6, atol=1e-7
     )
     d = fit(
@@ -435,8 +426,8 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     resumed = fit(
         noisy_loss, clipped_adam(3e-2), p, (x, y), checkpoint_dir=d, checkpoint_every=4, resume=True, **kw
     )
-    assert tree_equal(resumed.state.params, full.state.params)
-    assert tree_equal(resumed.state.opt_state, full.state.opt_state)
+    chex.assert_trees_all_equal(resumed.state.params, full.state.params)
+    chex.assert_trees_all_equal(resumed.state.opt_state, full.state.opt_state)
     assert np.array_equal(jax.random.key_data(resumed.state.key), jax.random.key_data(full.state.key))
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("time", "steps_per_sec")} for r in h]
     assert strip(resumed.history) == strip(full.history)
@@ -465,10 +456,12 @@ def test_nan_skip_leaves_params_as_if_batch_absent(tmp_path):
     assert int(res.state.skipped) == 1 and int(res.state.step) == 6
     assert [r["skipped"] for r in res.history] == [0, 1, 1]
     batches = [(x_bad[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
-    tree_close(res.state.params, manual_run(linear_loss, opt, p, batches, skip={3}), rtol=1e-6, atol=1e-7)
+    assert_trees_close(
+        res.state.params, manual_run(linear_loss, opt, p, batches, skip={3}), rtol=1e-6, atol=1e-7
+    )
     assert np.isfinite(res.history[1]["loss"])  # means over finite steps
     restored, _ = restore_checkpoint(tmp_path / "c", res.state)
-    assert tree_equal(restored.params, res.state.params)
+    chex.assert_trees_all_equal(restored.params, res.state.params)
 
 
 def test_nan_stop_names_step_and_last_good_checkpoint_survives(tmp_path):
@@ -484,15 +477,16 @@ def test_nan_stop_names_step_and_last_good_checkpoint_survives(tmp_path):
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
     good = manual_run(linear_loss, opt, p, batches[:4])
     assert e.value.step == 5 and e.value.checkpoint_step == 4
-    tree_close(e.value.state.params, good, rtol=1e-6, atol=1e-7)
+    assert_trees_close(e.value.state.params, good, rtol=1e-6, atol=1e-7)
     st, _ = restore_checkpoint(d, init_train_state(p, opt, key=jax.random.key(0)))
     assert int(st.step) == 4
-    tree_close(st.params, good, rtol=1e-6, atol=1e-7)
+    assert_trees_close(st.params, good, rtol=1e-6, atol=1e-7)
     # a bad state is refused: the latest checkpoint stays the good one
     bad = st._replace(params=jax.tree.map(lambda a: a * jnp.nan, st.params), step=jnp.asarray(6, jnp.int32))
     assert save_checkpoint(d, bad) is False
     again, _ = restore_checkpoint(d, st)
-    assert int(again.step) == 4 and tree_equal(again.params, st.params)
+    assert int(again.step) == 4
+    chex.assert_trees_all_equal(again.params, st.params)
 
 
 def test_max_skipped_raises():

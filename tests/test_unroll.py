@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_trees_close
 
 import seqjax as sj
 
@@ -18,12 +19,6 @@ def _setup(cell=None, seed=0):
     return cell, params, xs
 
 
-def _tree_close(a, b, **tol):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(x, y, **tol)
-
-
 def _take(tree, b):
     return jax.tree_util.tree_map(lambda a: a[b], tree)
 
@@ -36,7 +31,7 @@ def test_lengths_equal_running_each_sequence_alone(reverse):
     for b in range(B):
         n = int(lengths[b])
         f_b, y_b = sj.unroll(cell, params, xs[b, :n], reverse=reverse)
-        _tree_close(_take(final, b), f_b, **TOL)
+        assert_trees_close(_take(final, b), f_b, **TOL)
         np.testing.assert_allclose(ys[b, :n], y_b, **TOL)
         np.testing.assert_array_equal(ys[b, n:], 0.0)  # outputs past the end are zero
 
@@ -68,10 +63,10 @@ def test_resets_return_carry_to_initial_value():
                 c = _take(carry0, b)
             c, y = cell.step(params, c, xs[b, t])
             np.testing.assert_allclose(ys[b, t], y, **TOL)
-        _tree_close(_take(final, b), c, **TOL)
+        assert_trees_close(_take(final, b), c, **TOL)
     # a reset at step 0 changes nothing; a reset elsewhere changes the outcome
     same = sj.unroll(cell, params, xs, carry=carry0, resets=jnp.zeros((B, T), bool).at[:, 0].set(True))
-    _tree_close(same, sj.unroll(cell, params, xs, carry=carry0), **TOL)
+    assert_trees_close(same, sj.unroll(cell, params, xs, carry=carry0), **TOL)
     assert not np.allclose(final.h[0], sj.unroll(cell, params, xs, carry=carry0)[0].h[0])
 
 
@@ -87,12 +82,12 @@ def test_time_major_and_extra_batch_dims():
     cell, params, xs = _setup()
     final, ys = sj.unroll(cell, params, xs)
     final_tm, ys_tm = sj.unroll(cell, params, jnp.swapaxes(xs, 0, 1), time_axis=0)
-    _tree_close(final, final_tm, **TOL)
+    assert_trees_close(final, final_tm, **TOL)
     np.testing.assert_allclose(jnp.swapaxes(ys_tm, 0, 1), ys, **TOL)
     # two batch dims (1, B): same results
     f2, y2 = sj.unroll(cell, params, xs[None], lengths=jnp.array([[6, 2, 4]]))
     f1, y1 = sj.unroll(cell, params, xs, lengths=jnp.array([6, 2, 4]))
-    _tree_close(_take(f2, 0), f1, **TOL)
+    assert_trees_close(_take(f2, 0), f1, **TOL)
     np.testing.assert_allclose(y2[0], y1, **TOL)
 
 
@@ -130,7 +125,7 @@ def test_learnable_initial_carry_gets_gradients():
     final, ys = sj.unroll(cell, params, xs)
     # equals the inner cell started from the broadcast carry0
     c0 = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (B, H)), params["carry0"])
-    _tree_close((final, ys), sj.unroll(sj.lstm(H), params["cell"], xs, carry=c0), **TOL)
+    assert_trees_close((final, ys), sj.unroll(sj.lstm(H), params["cell"], xs, carry=c0), **TOL)
 
     def loss(p):
         return jnp.sum(sj.unroll(cell, p, xs)[1] ** 2)
@@ -195,7 +190,7 @@ def test_dropout_needs_key_and_valid_rate():
 
 def test_scan_unroll_option_gives_same_result():
     cell, params, xs = _setup()
-    _tree_close(sj.unroll(cell, params, xs, unroll=3), sj.unroll(cell, params, xs), **TOL)
+    assert_trees_close(sj.unroll(cell, params, xs, unroll=3), sj.unroll(cell, params, xs), **TOL)
 
 
 def test_sequence_mask():
