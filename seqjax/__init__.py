@@ -19,6 +19,7 @@ from seqjax import (
     seq2seq,
     spectrum,
     tasks,
+    testing,
     train,
 )
 from seqjax.bptt import GradientNorms, chunk_stream, fused_supported, gradient_norms, tbptt
@@ -191,5 +192,6 @@ __all__ = [
     "fixed_points",
     "train",
     "tasks",
+    "testing",
     "interop",
 ]

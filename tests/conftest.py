@@ -7,7 +7,6 @@ the README's test command pass it).
 
 import jax
 import pytest
-
 from helpers import x64_enabled
 
 jax.config.update("jax_numpy_rank_promotion", "raise")

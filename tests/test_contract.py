@@ -1,20 +1,31 @@
-"""The contract every cell honours, built-in or user-defined.
+"""The contract every cell honours, built-in or user-defined, checked with
+``seqjax.testing.check_cell`` (its docstring states each comparison and tolerance).
 
-For each cell: ``unroll`` equals a Python loop over ``step``; the carry keeps its tree,
-shapes and dtypes; ``jit`` equals eager; ``vmap`` over a batch equals a loop over
-sequences; ``jax.test_util.check_grads`` passes through ``unroll`` (float64, first order,
-reverse mode on the default path, forward mode with ``bptt="autodiff"``).
+For each cell:
+
+* the step (``check_cell``'s ``loop``, ``carry``, ``jit``, ``vmap``): ``unroll`` equals a
+  Python loop over ``step``; the carry keeps its tree, shapes and dtypes (batch shapes
+  ``()``, ``(B,)``, ``(2, 3)``; float32 and float64); ``jit`` equals eager; ``vmap`` over a
+  batch equals a loop over sequences (float32, 1e-5);
+* gradients (float64): reverse and forward mode through ``unroll(bptt="autodiff")`` against
+  central finite differences (``grads``), and the default path's fused kernel, where the
+  cell has one, against autodiff to 1e-10 (``kernel[plain]``).
+
+Every capability against its fallback, every kernel option, and faults ``check_cell`` must
+catch are in ``tests/test_check_cell.py``. One check here does not go through
+``check_cell``: the Python-loop reference it compares ``unroll`` with, written out by hand.
 """
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 import seqjax as sj
+from seqjax.testing import check_cell
 
 B, T, I, H = 2, 5, 3, 4
 
@@ -64,13 +75,21 @@ CELLS = {
     "user_momentum": lambda: momentum_cell(H),
 }
 
+STEP_CHECKS = ("loop", "carry", "jit", "vmap")
 
-def _setup(name, dtype=jnp.float32):
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_step_contract(name):
+    report = check_cell(CELLS[name](), batch=B, steps=T, input_size=I, checks=STEP_CHECKS)
+    assert report.passed == STEP_CHECKS
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_gradients(name):
     cell = CELLS[name]()
-    params = cell.init(jax.random.key(0), I)
-    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
-    xs = jax.random.normal(jax.random.key(1), (B, T, I), dtype)
-    return cell, params, xs
+    # options=(): the kernel on the default path only (every option: tests/test_check_cell.py)
+    report = check_cell(cell, batch=B, steps=T, input_size=I, checks=("grads", "kernel"), options=())
+    assert report.passed == (("grads", "kernel[plain]") if cell.kernel is not None else ("grads",))
 
 
 def _python_loop(cell, params, xs):
@@ -82,83 +101,14 @@ def _python_loop(cell, params, xs):
     return carry, jnp.stack(ys, axis=1)
 
 
-def _assert_tree_close(a, b, **tol):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(x, y, **tol)
-
-
-# float32 scan vs Python loop: identical ops in the same order, so rounding differences are
-# at most a few ulps (XLA may fuse differently): 1e-6 relative.
-TOL32 = dict(rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("name", sorted(CELLS))
-def test_unroll_equals_python_loop(name):
-    cell, params, xs = _setup(name)
-    carry, ys = sj.unroll(cell, params, xs)
-    carry_ref, ys_ref = _python_loop(cell, params, xs)
-    _assert_tree_close(carry, carry_ref, **TOL32)
-    np.testing.assert_allclose(ys, ys_ref, **TOL32)
-
-
-@pytest.mark.parametrize("name", sorted(CELLS))
-def test_carry_keeps_structure_shapes_dtypes(name):
-    cell, params, xs = _setup(name)
-    c0 = cell.initial_carry(params, (B,))
-    carry, _ = sj.unroll(cell, params, xs)
-    c1, _ = cell.step(params, c0, xs[:, 0])
-    for c in (carry, c1):
-        assert jax.tree_util.tree_structure(c) == jax.tree_util.tree_structure(c0)
-        for a, b in zip(jax.tree_util.tree_leaves(c), jax.tree_util.tree_leaves(c0)):
-            assert a.shape == b.shape and a.dtype == b.dtype
-    # any leading batch shape works, including none
-    for batch_shape in [(), (2, 3)]:
-        c = cell.initial_carry(params, batch_shape)
-        x = jnp.ones(batch_shape + (I,))
-        c_new, y = cell.step(params, c, x)
-        assert jax.tree_util.tree_structure(c_new) == jax.tree_util.tree_structure(c)
-        assert all(a.shape[: len(batch_shape)] == batch_shape for a in jax.tree_util.tree_leaves(c_new))
-        assert y.shape[: len(batch_shape)] == batch_shape
-
-
-@pytest.mark.parametrize("name", sorted(CELLS))
-def test_jit_equals_eager(name):
-    cell, params, xs = _setup(name)
-    eager = sj.unroll(cell, params, xs)
-    jitted = jax.jit(lambda p, x: sj.unroll(cell, p, x))(params, xs)
-    _assert_tree_close(eager, jitted, **TOL32)
-
-
-@pytest.mark.parametrize("name", sorted(CELLS))
-def test_vmap_equals_loop_over_sequences(name):
-    cell, params, xs = _setup(name)
-    vmapped = jax.vmap(lambda x: sj.unroll(cell, params, x))(xs)  # each x: (T, I)
-    for b in range(B):
-        single = sj.unroll(cell, params, xs[b])
-        _assert_tree_close(jax.tree_util.tree_map(lambda a: a[b], vmapped), single, **TOL32)
-    # and batched unroll equals vmap
-    _assert_tree_close(sj.unroll(cell, params, xs), vmapped, **TOL32)
-
-
-# check_grads compiles several finite-difference programs per cell: two cells in the default
-# run (a fused built-in and the user-defined cell), every cell with --runslow.
-_FAST_GRAD_CELLS = ("lstm", "user_momentum")
-
-
-@pytest.mark.parametrize(
-    "name", [n if n in _FAST_GRAD_CELLS else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CELLS)]
-)
-def test_check_grads_through_unroll(x64, name):
-    cell, params, xs = _setup(name, jnp.float64)
-    if name == "irnn":  # relu at exactly-zero preactivations has no derivative: move off the kink
-        params = {**params, "b": params["b"] + 0.1}
-
-    def f(params, xs, bptt="auto"):
-        carry, ys = sj.unroll(cell, params, xs, bptt=bptt)
-        return jnp.sum(ys**2) + sum(jnp.sum(jnp.sin(c)) for c in jax.tree_util.tree_leaves(carry))
-
-    # reverse mode through the default path (the fused BPTT kernel for built-in Elman, LSTM
-    # and GRU cells: a custom_vjp, which has no forward mode), forward mode through autodiff
-    check_grads(f, (params, xs), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
-    check_grads(lambda p, x: f(p, x, "autodiff"), (params, xs), order=1, modes=("fwd",), atol=1e-6, rtol=1e-6)
+def test_unroll_equals_python_loop_by_hand(name):
+    """The reference of check_cell's ``loop`` check, independently: eager Python loop."""
+    cell = CELLS[name]()
+    params = cell.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    # float32 scan vs Python loop: the same ops in the same order, so rounding differences are
+    # at most a few ulps (XLA may fuse differently): 1e-6.
+    chex.assert_trees_all_close(
+        sj.unroll(cell, params, xs, bptt="autodiff"), _python_loop(cell, params, xs), rtol=1e-6, atol=1e-6
+    )

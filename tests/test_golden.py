@@ -12,7 +12,6 @@ import pathlib
 
 import numpy as np
 import pytest
-
 from golden import case_names, compute_all
 from helpers import x64_enabled
 
