@@ -44,7 +44,8 @@ class Bound:
     config: tuple
 
     def __call__(self, *args, **kwargs):
-        return self.fn(*args, **dict(self.config), **kwargs)
+        config = {k: (v.value if isinstance(v, Opaque) else v) for k, v in self.config}
+        return self.fn(*args, **config, **kwargs)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config)
@@ -52,20 +53,23 @@ class Bound:
 
     def get(self, name: str, default: Any = None) -> Any:
         """A configuration value by name."""
-        return dict(self.config).get(name, default)
+        value = dict(self.config).get(name, default)
+        return value.value if isinstance(value, Opaque) else value
+
+
+def _hashable(value):
+    try:
+        hash(value)
+        return value
+    except TypeError:  # an array, a mutable object: held by identity
+        return Opaque(value)
 
 
 def bind(fn: Callable, **config) -> Bound:
-    """``fn`` with hashable keyword configuration (see ``Bound``)."""
-    for name, value in config.items():
-        try:
-            hash(value)
-        except TypeError:
-            raise TypeError(
-                f"bind({getattr(fn, '__name__', fn)}): configuration {name}={value!r} is not hashable; "
-                "use tuples instead of lists/dicts."
-            ) from None
-    return Bound(fn, tuple(sorted(config.items())))
+    """``fn`` with hashable keyword configuration (see ``Bound``). A value that cannot be
+    hashed (an array, a mutable object) is held by identity (``Opaque``) and passed through
+    unwrapped when ``fn`` is called."""
+    return Bound(fn, tuple(sorted((k, _hashable(v)) for k, v in config.items())))
 
 
 def positive_int(value: Any, name: str, what: str = "") -> int:

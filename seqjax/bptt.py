@@ -20,7 +20,7 @@ forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) does
 (``custom_vjp``): use ``bptt="autodiff"`` for it.
 
 Also here: ``chunk_stream`` and ``tbptt`` (stateful truncated BPTT over a long stream) and
-``gradient_norms`` (``||dL/dh_t||`` for every step from one backward pass).
+``gradient_norms`` (``||dL/ds_t||`` for every step from one backward pass).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax._scan import time_scan as _time_scan
-from seqjax._util import promote
+from seqjax._util import cast_floating, compute_dtype, promote
 from seqjax.cells import Cell
 from seqjax.unroll import unroll
 
@@ -158,6 +158,10 @@ def tbptt(
     ta = time_axis + xs.ndim if time_axis < 0 else time_axis
     batch_shape = tuple(s for i, s in enumerate(xs.shape[:-1]) if i != ta)
     carry0 = cell.initial_carry(params, batch_shape) if carry is None else carry
+    # The dtype rule: the stream and the carry in the compute dtype (params keep theirs, so the
+    # gradients and ``update`` see the params' own dtype; each chunk's unroll casts them).
+    dtype = compute_dtype(params, xs, carry0)
+    chunks, carry0 = cast_floating(chunks, dtype), cast_floating(carry0, dtype)
 
     def chunk_loss(p, c, x_n, t_n):
         c_new, ys = unroll(cell, p, x_n, carry=c, time_axis=time_axis, **unroll_kwargs)
@@ -285,6 +289,7 @@ def gradient_norms(
     widths = [int(np.prod(a.shape[nb:])) for a in c_leaves]
     E = sum(widths)
     dtype = jnp.result_type(xs.dtype, *c_leaves)
+    x_dtype = xs.dtype
 
     def unflat_add(c, e):
         leaves = jax.tree_util.tree_leaves(c)
@@ -298,7 +303,7 @@ def gradient_norms(
         return cell.init(key, input_size - E)
 
     def step(p, c, xe):
-        x, e = xe[..., :I], xe[..., I:]
+        x, e = xe[..., :I].astype(x_dtype), xe[..., I:]  # integer inputs (token ids) come back exact
         c_new, y = cell.step(p, c, x)
         c_pert = unflat_add(c_new, e)
         if direct:  # the output read from the perturbed carry, as the cell defines it

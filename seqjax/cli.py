@@ -248,7 +248,15 @@ def _gate_names(cell, params, input_size: int, blocks: int) -> list[str]:
     if cell.gates is not None:
         like = jax.eval_shape(lambda p: cell.initial_carry(p, ()), params)
         x = jax.ShapeDtypeStruct((input_size,), jax.tree_util.tree_leaves(like)[0].dtype)
-        names = list(jax.eval_shape(lambda p, c, x: cell.gates(p, c, x), params, like, x))
+        order: list[str] = []  # eval_shape returns dicts with sorted keys: record the order traced
+
+        def gates(p, c, x):
+            out = cell.gates(p, c, x)
+            order.extend(out)
+            return out
+
+        jax.eval_shape(gates, params, like, x)
+        names = order
         if len(names) == blocks:
             return names
     return ["h"] if blocks == 1 else [f"h{k}" for k in range(blocks)]
@@ -280,7 +288,7 @@ def analyse(cell, params: dict, xs: jax.Array, ys: jax.Array | None = None) -> d
         carry, _ = unroll(cell, body, xs)
 
         def loss_from_carry(c):
-            h = c.h if hasattr(c, "h") else c
+            h = cell.output(body, c, xs[:, -1])  # the last output, read from the carry
             out = h @ params["head"]["w"] + params["head"]["b"].reshape((1, -1))
             return jnp.mean((out - ys) ** 2)
 

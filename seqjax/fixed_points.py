@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from seqjax._util import promote
 from seqjax.cells import Cell
 from seqjax.spectrum import (
     _batch_major,
@@ -78,8 +79,9 @@ def speed(cell: Cell, params: Any, states: jax.Array, x: jax.Array) -> jax.Array
       ``(...)``.
     """
     x = _check_x(x)
-    f = _flat_step(cell, params, _like(cell, params))
     states = jnp.asarray(states)
+    params, x, states, _ = promote(params, x, states)
+    f = _flat_step(cell, params, _like(cell, params))
     flat = states.reshape((-1, states.shape[-1]))
     q = jax.vmap(lambda s: 0.5 * jnp.sum((f(s, x) - s) ** 2))(flat)
     return q.reshape(states.shape[:-1])
@@ -272,12 +274,13 @@ def find_fixed_points(
       print(fps.num_stable)
     """
     x = _check_x(x)
-    like = _like(cell, params)
     S = state_size(cell, params)
     s0 = initial_states
     if not (isinstance(s0, (jax.Array, np.ndarray)) and np.ndim(s0) == 2 and np.shape(s0)[-1] == S):
         s0 = flatten_state(s0, batch_ndim=1)
     s0 = jnp.asarray(s0)
+    params, x, s0, _ = promote(params, x, s0)  # the dtype rule
+    like = _like(cell, params)
     if s0.ndim != 2 or s0.shape[-1] != S:
         raise ValueError(f"initial_states must be (N, {S}) flattened states, got shape {tuple(s0.shape)}.")
     if fixed_tol is None:

@@ -189,7 +189,7 @@ def as_layer(cell: Cell, *, reverse: bool = False) -> Layer:
 
     Returns:
       A ``Layer`` with the cell's params and carry;
-      ``meta = CellMeta("recurrent", H, {"cell": cell, "reverse": reverse})``.
+      ``meta = CellMeta("recurrent", H, (("cell", cell), ("reverse", reverse)))``.
     """
     if isinstance(cell, Layer):
         return cell
@@ -202,7 +202,7 @@ def as_layer(cell: Cell, *, reverse: bool = False) -> Layer:
 
     H = cell.meta.hidden_size if cell.meta is not None else 0
     return Layer(
-        cell.init, apply, cell.initial_carry, CellMeta("recurrent", H, {"cell": cell, "reverse": reverse})
+        cell.init, apply, cell.initial_carry, CellMeta("recurrent", H, (("cell", cell), ("reverse", reverse)))
     )
 
 
@@ -293,7 +293,7 @@ def bidirectional(
         return BiCarry(h_f, h_b), ys
 
     H = fwd_cell.meta.hidden_size if fwd_cell.meta is not None else 0
-    meta = CellMeta("bidirectional", H, {"fwd": fwd_cell, "bwd": bwd_cell, "merge": merge})
+    meta = CellMeta("bidirectional", H, (("fwd", fwd_cell), ("bwd", bwd_cell), ("merge", merge)))
     return Layer(init, apply, initial_carry, meta)
 
 
@@ -361,7 +361,7 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
         return tuple(finals), ys
 
     last = layers[-1].meta
-    meta = CellMeta("stack_layers", last.hidden_size if last else 0, {"layers": layers, "dropout": rate})
+    meta = CellMeta("stack_layers", last.hidden_size if last else 0, (("layers", layers), ("dropout", rate)))
     return Layer(init, apply, initial_carry, meta)
 
 

@@ -1073,9 +1073,11 @@ class GradientFlowReport:
       kind: ``cell.meta.name`` (or ``None``), for display.
       state_size: ``S``.
       steps: ``T``.
-      sigma_max: largest singular value of the recurrent matrix ``w_h`` (``None`` if the
-        cell has none); for gated cells that of the whole ``(H, G*H)`` block.
-      gamma: bound on ``|f'|`` (1 for tanh/ReLU, 1/4 for sigmoid; ``None`` if unknown).
+      sigma_max: largest singular value of the recurrent matrix (from the cell's
+        ``jacobian_bound`` capability; ``None`` for a cell without one, e.g. gated cells,
+        whose Jacobians have no bound of this form).
+      gamma: bound on ``|f'|`` (1 for tanh/ReLU, 1/4 for sigmoid; the ``gamma`` argument,
+        else the capability's; ``None`` if unknown).
       critical: ``1/gamma``.
       step_bound: ``sigma_max * gamma``, the bound on every ``||J_t||``.
       step_norm_max, step_norm_mean: measured ``||J_t||_2`` over steps and sequences.
@@ -1168,7 +1170,8 @@ def gradient_flow_report(
       params: its params.
       xs: ``(*batch, T, I)``.
       carry: initial carry.
-      gamma: bound on ``|f'|``; default from the activation of an Elman cell.
+      gamma: bound on ``|f'|``; default the one the cell's ``jacobian_bound`` gives (for an
+        Elman cell with a callable activation, give it here).
       tol: gradient-norm tolerance defining the memory horizon.
       margin: ``|lyapunov_max| <= margin`` is called ``"marginal"``.
       time_axis: time axis of ``xs``.

@@ -239,8 +239,8 @@ def test_fused_bidirectional(x64):
         return jnp.sum(jnp.tanh(bi.apply(pb, xs, lengths=lens)[1]))
 
     def loss_ref(pb, xs):
-        _, yf = sj.unroll(bi.meta.options["fwd"], pb["fwd"], xs, lengths=lens, bptt="autodiff")
-        _, yb = sj.unroll(bi.meta.options["bwd"], pb["bwd"], xs, lengths=lens, reverse=True, bptt="autodiff")
+        _, yf = sj.unroll(bi.meta.option("fwd"), pb["fwd"], xs, lengths=lens, bptt="autodiff")
+        _, yb = sj.unroll(bi.meta.option("bwd"), pb["bwd"], xs, lengths=lens, reverse=True, bptt="autodiff")
         return jnp.sum(jnp.tanh(jnp.concatenate([yf, yb], axis=-1)))
 
     assert _rel(jax.grad(loss_bi, (0, 1))(pb, xs), jax.grad(loss_ref, (0, 1))(pb, xs)) < 1e-12

@@ -705,3 +705,55 @@ def test_dtype_rule_complex_input_raises(x64):
         sj.unroll(cell, params, xs)
     with pytest.raises(ValueError, match="complex"):
         lyapunov_spectrum(cell, params, xs[0])
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_cells_copy_pickle_and_tree_map():
+    """Cells survive copy, deepcopy, pickle and a JAX tree_map (the keyword-only constructor is
+    bypassed by Cell._make), and stay equal to the original."""
+    import copy
+    import pickle
+
+    for cell in (sj.lstm(4), sj.gru(3), sj.stack([sj.rnn(3), sj.lstm(2)]), sj.learnable_carry(sj.gru(2))):
+        assert copy.copy(cell) == cell and copy.deepcopy(cell) == cell
+        assert pickle.loads(pickle.dumps(cell)) == cell
+        assert jax.tree_util.tree_map(lambda f: f, {"c": cell})["c"] == cell
+
+
+def test_initializers_accept_array_arguments():
+    """An initialiser built from a JAX scalar (unhashable) still works and is held by identity."""
+    init = sj.initializers.uniform(jnp.float32(0.1))
+    w = init(jax.random.key(0), (3, 4))
+    assert w.shape == (3, 4) and float(jnp.max(jnp.abs(w))) <= 0.1
+    cell = sj.rnn(4, recurrent_init=sj.initializers.constant(np.array(0.5)))
+    np.testing.assert_array_equal(cell.init(jax.random.key(0), 2)["w_h"], np.full((4, 4), 0.5, np.float32))
+
+
+def test_tbptt_follows_the_dtype_rule(x64):
+    """float32 params with float64 streams: tbptt computes in float64 (no scan carry mismatch)
+    and returns gradients in the params' dtype, equal to the float64 computation."""
+    cell = sj.rnn(4)
+    p32 = cell.init(jax.random.key(0), 2)
+    xs = jnp.asarray(np.random.default_rng(0).standard_normal((3, 10, 2)))
+    losses, grads, _ = sj.tbptt(cell, p32, xs, lambda y: jnp.sum(y**2), chunk=5)
+    p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), p32)
+    losses64, grads64, _ = sj.tbptt(cell, p64, xs, lambda y: jnp.sum(y**2), chunk=5)
+    assert losses.dtype == jnp.float64 and grads["w_h"].dtype == jnp.float32
+    np.testing.assert_allclose(losses, losses64, rtol=1e-12)
+    np.testing.assert_allclose(grads["w_h"], np.asarray(grads64["w_h"], np.float32), rtol=1e-6)
+
+
+def test_cli_gate_names_follow_block_order():
+    """The names of w_h's column blocks come from the gates capability in block order (not the
+    sorted keys eval_shape would give)."""
+    from seqjax.cli import _gate_names
+
+    for cell, want in (
+        (sj.lstm(3), ["i", "f", "g", "o"]),
+        (sj.gru(3), ["r", "z", "n"]),
+        (sj.janet(3), ["f", "c_tilde"]),
+    ):
+        p = cell.init(jax.random.key(0), 2)
+        assert _gate_names(cell, p, 2, len(want)) == want

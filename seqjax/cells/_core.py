@@ -3,7 +3,8 @@
 The whole contract of a cell, in one place (``docs/design/cells.md`` has the reasoning)::
 
     cell = Cell(init, initial_carry, step, *, output=None, jacobian=None,
-                jacobian_diagonal=None, kernel=None, gates=None, input_size=None, meta=None)
+                jacobian_diagonal=None, kernel=None, gates=None, input_size=None,
+                jacobian_bound=None, meta=None)
     params = cell.init(key, input_size)              # a pytree of arrays
     carry = cell.initial_carry(params, batch_shape)  # a pytree of zeros, leaves (*batch, ...)
     carry, y_t = cell.step(params, carry, x_t)       # x_t: (*batch, input_size)
@@ -20,8 +21,9 @@ a generic fallback computes the same thing to float tolerance):
     jacobian_bound(params) -> (sigma, gamma)              ||J_t||_2 <= sigma * gamma everywhere
 
 ``s`` is the carry flattened in tree-leaf order (``seqjax.spectrum.flatten_state``).
-Every capability is written for one ``step``: ``cell._replace(step=...)`` drops every
-capability not replaced in the same call, so none goes stale.
+Every capability is written for one ``step``: ``cell._replace(step=...)`` with a different
+step drops every step capability (all but ``input_size``) not replaced in the same call, so
+none goes stale; ``_replace(init=...)`` drops ``input_size`` likewise.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax import initializers as inits
-from seqjax._util import bind, positive_int
+from seqjax._util import Bound, bind, positive_int
 
 __all__ = [
     "Cell",
@@ -159,6 +161,8 @@ class Cell(_CellFields):
             raise TypeError(
                 f"Cell: kernel must be a seqjax.Kernel(run, accepts), got {type(kernel).__name__}."
             )
+        if kernel is not None and not isinstance(kernel.accepts, frozenset):
+            kernel = kernel._replace(accepts=frozenset(kernel.accepts))
         if kernel is not None and not kernel.accepts <= KERNEL_OPTIONS:
             raise ValueError(
                 f"Cell: kernel.accepts holds unknown options {sorted(kernel.accepts - KERNEL_OPTIONS)}; "
@@ -183,12 +187,16 @@ class Cell(_CellFields):
         """A copy with fields replaced. Replacing ``step`` drops every capability that is not
         replaced in the same call (they were written for the old step); replacing ``init``
         drops ``input_size`` likewise."""
-        if "step" in changes and changes["step"] != self.step:
+        if "step" in changes and not _same_function(changes["step"], self.step):
             for name in _STEP_CAPABILITIES:
                 changes.setdefault(name, None)
-        if "init" in changes and changes["init"] != self.init:
+        if "init" in changes and not _same_function(changes["init"], self.init):
             changes.setdefault("input_size", None)
         return Cell(**{**self._asdict(), **changes})
+
+    def __reduce__(self):
+        # copy, deepcopy and pickle rebuild the tuple without the keyword-only constructor.
+        return (Cell._make, (tuple(self),))
 
     def capabilities(self) -> tuple[str, ...]:
         """The names of the capabilities this cell carries."""
@@ -198,6 +206,16 @@ class Cell(_CellFields):
         name = self.meta.name if self.meta is not None else "Cell"
         caps = ", ".join(self.capabilities())
         return f"{name}(H={self.meta.hidden_size if self.meta else '?'}; capabilities: {caps or 'none'})"
+
+
+def _same_function(new, old) -> bool:
+    """Identity, or equal ``Bound`` values (never a user's ``__eq__``, which may return arrays)."""
+    return new is old or (isinstance(new, Bound) and isinstance(old, Bound) and new == old)
+
+
+# A Cell is a pytree node whose children are its fields (functions are leaves, as in 0.1);
+# JAX rebuilds it with Cell._make, since the constructor's capabilities are keyword-only.
+jax.tree_util.register_pytree_node(Cell, lambda c: (tuple(c), None), lambda _, xs: Cell._make(xs))
 
 
 # --------------------------------------------------------------------------- activations (the one table)
@@ -427,7 +445,9 @@ def wrap(
       cell: the inner cell.
       params: ``outer_params -> inner_params`` (default: the same params).
       inputs: ``x -> x'`` acting on the last axis of ``(..., I)`` arrays (it is applied to
-        one step's ``(*batch, I)`` and to a whole ``(T, *batch, I)`` sequence alike).
+        one step's ``(*batch, I)`` and to a whole ``(T, *batch, I)`` sequence alike). When it
+        changes the number of features, pass ``init`` for the outer input size too; the
+        ``input_size`` capability is dropped whenever ``inputs`` is given.
       init: ``(key, input_size) -> outer_params`` (default ``cell.init``; needed when
         ``params`` is given).
       initial_carry: ``(outer_params, batch_shape) -> carry`` (default: the inner cell's on
@@ -435,7 +455,8 @@ def wrap(
       meta: a description (default the inner cell's).
 
     Returns:
-      A ``Cell``. Built twice with equal arguments (the same functions), the results are
+      A ``Cell`` carrying every capability of ``cell`` (``jacobian_bound`` through
+      ``params``). Built twice with equal arguments (the same functions), the results are
       equal.
 
     Example::

@@ -63,6 +63,10 @@ class GateMath(NamedTuple):
         (everything but the path through ``u``).
       tied: ``d_a`` always equals ``d_u`` (no separate recurrent bias inside the gates), so
         the kernel keeps one of them.
+      du_from_da: optional ``(d_a, residual) -> d_u`` over whole ``(T, B, .)`` arrays: the
+        kernel then stores only ``d_a`` per step and derives ``d_u`` after the reverse scan.
+      uses_h_in, uses_h_out: whether ``bwd`` reads ``h_in`` / ``h_out`` (the kernel feeds the
+        reverse scan only what is read; ``None`` otherwise).
     """
 
     weights: Callable
@@ -71,6 +75,9 @@ class GateMath(NamedTuple):
     fwd: Callable
     bwd: Callable
     tied: bool = True
+    du_from_da: Callable | None = None
+    uses_h_in: bool = True
+    uses_h_out: bool = True
 
 
 def folded_bias_weights(params):
@@ -82,7 +89,7 @@ def folded_bias_weights(params):
 
 
 def _row(v):
-    return v.reshape((1,) * 1 + v.shape)
+    return v.reshape((1,) + v.shape)
 
 
 def _col(v):
@@ -260,17 +267,35 @@ def _fused_bwd(spec, saved, cts):
             d_in = tuple(dj - dj * r_t for dj in d_in)
         if k_t is not None:
             d_in = tuple(dj * k_t for dj in d_in)
-        return (d_in, acc), (d_u if math.tied else (d_a, d_u))
+        if math.tied:
+            return (d_in, acc), d_u
+        if math.du_from_da is not None:
+            return (d_in, acc), d_a
+        return (d_in, acc), (d_a, d_u)
 
     (d0, acc), dz = time_scan(
         body,
         (d_last, zeros),
-        (g_hs, g_steps, res, h_in, hs, mf, rf, keep),
+        (
+            g_hs,
+            g_steps,
+            res,
+            h_in if math.uses_h_in else None,
+            hs if math.uses_h_out else None,
+            mf,
+            rf,
+            keep,
+        ),
         reverse=not rev,
         unroll=spec.unroll,
     )
     d_state0 = tuple(a + b for a, b in zip(d0, acc, strict=True))
-    d_a, d_u = (dz, dz) if math.tied else dz
+    if math.tied:
+        d_a = d_u = dz
+    elif math.du_from_da is not None:  # one (T, B, G*H) array stored, not two
+        d_a, d_u = dz, math.du_from_da(dz, res)
+    else:
+        d_a, d_u = dz
     T, B, H = hs.shape
     G = d_u.shape[-1]
     # The weight gradients are sums over time: one (T*B)-row matmul each, not T small ones.
@@ -313,7 +338,6 @@ def _affine_run(
         return None if a is None else a.reshape(T, B)
 
     hs, others = _fused(spec, w_x, b_x, w_h, b_u, state0, x, flat(mask), flat(resets), keep)
-    H = hs.shape[-1]
 
     def unflat_t(a):
         return a.reshape((T,) + batch_shape + (a.shape[-1],))
@@ -326,7 +350,6 @@ def _affine_run(
         final = math.join((hs[last],) + tuple(o[last] for o in others))
         return final, ys, math.join((hs,) + others)
     final = math.join((hs[last],) + tuple(o.reshape(batch_shape + (o.shape[-1],)) for o in others))
-    del H
     return final, ys, None
 
 

@@ -56,7 +56,7 @@ def _bwd(net, h_in, h_out, d, *, activation):
         f = get_activation(activation)
         fp = jax.jvp(f, (net,), (jnp.ones_like(net),))[1]
     dnet = d[0] * fp
-    return dnet, dnet, (jnp.zeros_like(h_in),)
+    return dnet, dnet, (jnp.zeros_like(dnet),)
 
 
 def _check(params, state, x, *, hidden_size):
@@ -79,7 +79,8 @@ def _gates(params, carry, x, *, math):
 
 
 def _jacobian_bound(params, *, gamma):
-    """``||J_t||_2 = ||diag(f') W_h^T||_2 <= sigma_max(W_h) * sup|f'|``."""
+    """``||J_t||_2 = ||diag(f') W_h^T||_2 <= sigma_max(W_h) * sup|f'|`` (``gamma`` is
+    ``None`` for a callable activation: the caller supplies it)."""
     return jnp.linalg.norm(params["w_h"], ord=2), gamma
 
 
@@ -134,6 +135,7 @@ def rnn(
         bind(_fwd, activation=activation),
         bind(_bwd, activation=activation),
         tied=True,
+        uses_h_in=False,
     )
     return Cell(
         bind(
@@ -150,7 +152,7 @@ def rnn(
         **_fused.affine_capabilities(math),
         gates=bind(_gates, math=math),
         input_size=bind(rows_of),
-        jacobian_bound=None if gamma is None else bind(_jacobian_bound, gamma=gamma),
+        jacobian_bound=bind(_jacobian_bound, gamma=gamma),
         meta=CellMeta("rnn", H, (("activation", activation), ("hidden_bias", bool(hidden_bias)))),
     )
 

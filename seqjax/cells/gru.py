@@ -73,6 +73,12 @@ def _bwd(res, h_in, h_out, d):
     return d_a, d_u, (d * z,)
 
 
+def _du_from_da(d_a, res):
+    """``dL/du = [dr, dz, dn * r]`` from ``dL/da = [dr, dz, dn]`` and the saved ``r``."""
+    H = d_a.shape[-1] // 3
+    return jnp.concatenate([d_a[..., : 2 * H], d_a[..., 2 * H :] * res[..., :H]], axis=-1)
+
+
 def _check(params, state, x, *, hidden_size):
     (h,) = state
     check_step_input("gru", x, params["w_x"].shape[0], h.shape[:-1])
@@ -121,7 +127,16 @@ def gru(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=No
       A ``Cell``; ``gates`` returns ``{"r", "z", "n"}`` activations ``(*batch, H)``.
     """
     H = check_hidden(hidden_size)
-    math = _fused.GateMath(bind(_weights), bind(_split), bind(_join), bind(_fwd), bind(_bwd), tied=False)
+    math = _fused.GateMath(
+        bind(_weights),
+        bind(_split),
+        bind(_join),
+        bind(_fwd),
+        bind(_bwd),
+        tied=False,
+        du_from_da=bind(_du_from_da),
+        uses_h_out=False,
+    )
     return Cell(
         bind(
             _init, hidden_size=H, kernel_init=kernel_init, recurrent_init=recurrent_init, bias_init=bias_init

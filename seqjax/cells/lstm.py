@@ -101,7 +101,7 @@ def _bwd(res, h_in, h_out, d):
     H = c_in.shape[-1]
     i, f, g, o = (gates[..., k * H : (k + 1) * H] for k in range(4))
     dz, dc_in = _gate_grads(i, f, g, o, c_in, d[0], d[1])
-    return dz, dz, (jnp.zeros_like(h_in), dc_in)
+    return dz, dz, (jnp.zeros_like(d[0]), dc_in)
 
 
 # A second kernel behind the same interface: residuals are the pre-activations z (4H) and
@@ -122,13 +122,20 @@ def _bwd_recompute(res, h_in, h_out, d):
     c_in, z = res
     i, f, g, o = _gates_of(z, c_in.shape[-1])
     dz, dc_in = _gate_grads(i, f, g, o, c_in, d[0], d[1])
-    return dz, dz, (jnp.zeros_like(h_in), dc_in)
+    return dz, dz, (jnp.zeros_like(d[0]), dc_in)
 
 
 def lstm_gate_math() -> _fused.GateMath:
     """The LSTM's ``GateMath`` (residuals: ``c_{t-1}`` and the gate activations)."""
     return _fused.GateMath(
-        bind(_fused.folded_bias_weights), bind(_split), bind(_join), bind(_fwd), bind(_bwd), tied=True
+        bind(_fused.folded_bias_weights),
+        bind(_split),
+        bind(_join),
+        bind(_fwd),
+        bind(_bwd),
+        tied=True,
+        uses_h_in=False,
+        uses_h_out=False,
     )
 
 
@@ -141,6 +148,8 @@ def lstm_recompute_gate_math() -> _fused.GateMath:
         bind(_fwd_recompute),
         bind(_bwd_recompute),
         tied=True,
+        uses_h_in=False,
+        uses_h_out=False,
     )
 
 

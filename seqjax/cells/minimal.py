@@ -203,6 +203,7 @@ def janet(
         bind(_janet_fwd, beta=beta),
         bind(_janet_bwd, beta=beta),
         tied=True,
+        uses_h_out=False,
     )
     return Cell(
         bind(

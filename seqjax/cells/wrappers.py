@@ -8,8 +8,9 @@ of its inner cells, keeping what stays exact and dropping what does not.
   made of each layer's own diagonal at its own input), the fused kernels compose layer by
   layer (accepting the options every layer accepts). The full Jacobian has off-diagonal
   blocks through the layers' input Jacobians: it falls back to autodiff. Dropout between
-  layers changes the step: a dropout stack keeps the output rule (with its masks) and
-  drops the kernels.
+  layers changes the step: a dropout stack keeps the output rule and the gates (with its
+  masks) and drops the kernels and the diagonal. Its masks take the batch shape the step
+  sees, so analyse a stack built without dropout (the spectrum tools vmap single steps).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from seqjax._util import Opaque, bind
+from seqjax._util import bind
 from seqjax.cells._core import Cell, CellMeta, Kernel, batch_shape_of, wrap
 
 __all__ = ["learnable_carry", "stack"]
@@ -121,7 +122,7 @@ def _keep_mask(key, rate: float, shape, dtype) -> jax.Array:
 
 def _drop(y, l, rate, key):
     if l and rate:
-        return y * _keep_mask(jax.random.fold_in(key.value, l), rate, y.shape, y.dtype)
+        return y * _keep_mask(jax.random.fold_in(key, l), rate, y.shape, y.dtype)
     return y
 
 
@@ -207,8 +208,9 @@ def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None 
     Params: a tuple, ``params[l]`` exactly what ``cells[l].init`` makes for the output size
     of layer ``l-1``. Carry: a tuple of the cells' carries.
 
-    Capabilities (each when every layer has it): output rule, Jacobian diagonal, fused
-    kernel (not with dropout), gates (``{"layer_0": gates_0, ...}``).
+    Capabilities (each when every layer has it): output rule, Jacobian diagonal and fused
+    kernel (both not with dropout), gates (``{"layer_0": gates_0, ...}``); ``input_size``
+    from the first layer.
 
     Args:
       cells: one or more ``Cell``.
@@ -241,8 +243,7 @@ def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None 
     rate = float(dropout)
     if rate and key is None:
         raise ValueError("stack: dropout > 0 needs a PRNG key: stack(cells, dropout=rate, key=key).")
-    k = Opaque(key) if rate else None
-    drop = {"cells": cells, "rate": rate, "key": k}
+    drop = {"cells": cells, "rate": rate, "key": key if rate else None}  # bind holds the key by identity
     caps = {}
     if all(c.output is not None for c in cells):
         caps["output"] = bind(_stack_output, **drop)
