@@ -533,9 +533,15 @@ def _check_jacobians(chk, cell, params, rng, input_size, state_scale, tol, selec
     bound = None
     if "jacobian_bound" in selected:
         sigma, gamma = _guard(chk, "jacobian_bound", cell.jacobian_bound, params)
-        bound = float(sigma) * float(gamma)
-        if not np.isfinite(bound) or bound < 0:
-            chk.fail("jacobian_bound", f"sigma * gamma = {bound} is not a finite non-negative number.")
+        if gamma is None:  # the bound needs the caller's gamma (e.g. a callable activation)
+            selected = [name for name in selected if name != "jacobian_bound"]
+            chk.skipped.append(("jacobian_bound", "gamma is None: the caller supplies it"))
+        else:
+            bound = float(sigma) * float(gamma)
+            if not np.isfinite(bound) or bound < 0:
+                chk.fail("jacobian_bound", f"sigma * gamma = {bound} is not a finite non-negative number.")
+    if not selected:
+        return
     for n, scale in enumerate(_STATE_SCALES):
         c = _perturb(like, rng, scale * state_scale)
         x = _normal(rng, (input_size,), dtype, scale)

@@ -80,7 +80,11 @@ def test_builtin_cells_pass(name):
     cell = BUILTINS[name]()
     report = check_cell(cell)
     assert isinstance(report, CellCheckReport)
-    assert set(report.passed) == _expected_checks(cell), str(report)
+    want = _expected_checks(cell)
+    if name == "rnn_sin":  # a callable activation: the bound needs the caller's gamma
+        want.discard("jacobian_bound")
+        assert ("jacobian_bound", "gamma is None: the caller supplies it") in report.skipped
+    assert set(report.passed) == want, str(report)
     assert not set(report.passed) & {n for n, _ in report.skipped}
     for check in ("jacobian", "jacobian_diagonal", "output") + tuple(c for c in report.passed if "[" in c):
         if check in report.passed:  # exact capabilities agree with their fallbacks to float64 rounding
