@@ -358,11 +358,25 @@ def affine_kernel(math: GateMath) -> Kernel:
     return Kernel(bind(_affine_run, math=math))
 
 
+def affine_output(params, carry, x, *, math):
+    """The output rule of the affine form: ``y_t = h_t``, the carry's first component."""
+    del params, x
+    return math.split(carry)[0]
+
+
+def affine_input_size(params, *, math):
+    """``I``: the rows of ``W_x``."""
+    return int(math.weights(params)[0].shape[0])
+
+
 def affine_capabilities(math: GateMath) -> dict:
-    """The capabilities an affine-form family derives from its ``GateMath``: ``jacobian``,
-    ``jacobian_diagonal`` and ``kernel`` (keyword arguments of ``Cell``)."""
+    """The capabilities an affine-form family derives from its ``GateMath`` (keyword
+    arguments of ``Cell``): ``output``, ``jacobian``, ``jacobian_diagonal``, ``kernel`` and
+    ``input_size``."""
     return {
+        "output": bind(affine_output, math=math),
         "jacobian": bind(affine_jacobian, math=math),
         "jacobian_diagonal": bind(affine_jacobian_diagonal, math=math),
         "kernel": affine_kernel(math),
+        "input_size": bind(affine_input_size, math=math),
     }

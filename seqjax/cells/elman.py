@@ -20,13 +20,11 @@ from seqjax.cells._core import (
     CellMeta,
     activation_derivative_from_output,
     activation_gamma,
-    carry_h,
     check_carry_width,
     check_hidden,
     check_step_input,
     gated_params,
     get_activation,
-    rows_of,
     zeros_carry,
 )
 
@@ -148,10 +146,8 @@ def rnn(
         ),
         bind(_initial_carry, hidden_size=H),
         bind(_fused.affine_step, math=math, check=bind(_check, hidden_size=H)),
-        output=bind(carry_h),
         **_fused.affine_capabilities(math),
         gates=bind(_gates, math=math),
-        input_size=bind(rows_of),
         jacobian_bound=bind(_jacobian_bound, gamma=gamma),
         meta=CellMeta("rnn", H, (("activation", activation), ("hidden_bias", bool(hidden_bias)))),
     )

@@ -22,12 +22,10 @@ from seqjax.cells import _fused
 from seqjax.cells._core import (
     Cell,
     CellMeta,
-    carry_h,
     check_carry_width,
     check_hidden,
     check_step_input,
     gated_params,
-    rows_of,
     zeros_carry,
 )
 
@@ -143,9 +141,7 @@ def gru(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=No
         ),
         bind(_initial_carry, hidden_size=H),
         bind(_fused.affine_step, math=math, check=bind(_check, hidden_size=H)),
-        output=bind(carry_h),
         **_fused.affine_capabilities(math),
         gates=bind(_gates, math=math),
-        input_size=bind(rows_of),
         meta=CellMeta("gru", H, ()),
     )

@@ -288,14 +288,15 @@ def lstm(
             ("hidden_bias", bool(hidden_bias)),
         ),
     )
-    common = {"output": bind(carry_field_h), "input_size": bind(rows_of), "meta": meta}
     if proj_size:
         return Cell(
             init,
             bind(_initial_carry, **config),
             bind(_proj_step, **config),
+            output=bind(carry_field_h),
             gates=bind(_proj_gates, **config),
-            **common,
+            input_size=bind(rows_of),
+            meta=meta,
         )
     math = lstm_gate_math()
     return Cell(
@@ -304,5 +305,5 @@ def lstm(
         bind(_fused.affine_step, math=math, check=bind(_check, **config)),
         **_fused.affine_capabilities(math),
         gates=bind(_gates, math=math),
-        **common,
+        meta=meta,
     )

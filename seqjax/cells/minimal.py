@@ -211,9 +211,7 @@ def janet(
         ),
         bind(_initial_carry, hidden_size=H),
         bind(_fused.affine_step, math=math, check=bind(_janet_check, hidden_size=H)),
-        output=bind(carry_h),
         **_fused.affine_capabilities(math),
         gates=bind(_janet_gates, math=math),
-        input_size=bind(rows_of),
         meta=CellMeta("janet", H, (("beta", beta),)),
     )
