@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax._scan import time_scan as _time_scan
-from seqjax._util import cast_floating, compute_dtype, promote
+from seqjax._util import cast_floating, compute_dtype, positive_int, promote
 from seqjax.cells import Cell
 from seqjax.unroll import unroll
 
@@ -85,8 +85,7 @@ def chunk_stream(xs: jax.Array, chunk: int, *, time_axis: int = -2) -> jax.Array
     ta = time_axis + xs.ndim if time_axis < 0 else time_axis
     if not 0 <= ta < xs.ndim:
         raise ValueError(f"time_axis={time_axis} is out of range for xs of shape {tuple(xs.shape)}.")
-    if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}.")
+    positive_int(chunk, "chunk")
     T = xs.shape[ta]
     if T % chunk:
         raise ValueError(

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax import initializers as inits
+from seqjax._util import positive_int
 from seqjax.cells import Cell, CellMeta, stack
 from seqjax.cells.wrappers import _check_carry_tuple, _check_layers_params, _dtype_of, _keep_mask
 from seqjax.unroll import sequence_mask, unroll
@@ -115,10 +116,7 @@ class BiCarry(NamedTuple):
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_int(n, name: str) -> int:
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {n!r}.")
-    return int(n)
+_as_int = positive_int
 
 
 def _check_rate(rate, name="dropout") -> float:

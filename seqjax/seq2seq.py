@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax._util import positive_int
 from seqjax.cells import Cell
 from seqjax.layers import Layer, Pointwise, as_layer, output_size
 from seqjax.unroll import check_carry, sequence_mask, unroll
@@ -344,8 +345,7 @@ def _autoregress(
     one ``unroll`` of a wrapped cell over ``num_steps`` steps."""
     if not isinstance(cell, Cell):
         raise TypeError(f"cell must be a seqjax.Cell, got {type(cell).__name__}.")
-    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+    positive_int(num_steps, "num_steps")
     prompt = jnp.asarray(prompt)
     if prompt.ndim < 2:
         raise ValueError(

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax._util import positive_int
 from seqjax.cells import Cell
 from seqjax.unroll import unroll
 
@@ -62,10 +63,7 @@ ADDING_BASELINE_MSE = 1.0 / 6.0
 """MSE of always predicting 1 on the adding problem: ``Var(u_a + u_b) = 2/12``."""
 
 
-def _pos_int(v, name):
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}.")
-    return int(v)
+_pos_int = positive_int
 
 
 # --------------------------------------------------------------------------- adding problem

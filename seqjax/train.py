@@ -42,6 +42,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from seqjax._util import positive_int
+
 __all__ = [
     "TrainState",
     "init_train_state",
@@ -906,8 +908,8 @@ def fit(
         ("eval_every", eval_every),
         ("checkpoint_every", checkpoint_every),
     ):
-        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        if v is not None:
+            positive_int(v, name)
     if on_nonfinite not in ("skip", "stop"):
         raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
     k = int(steps_per_call)

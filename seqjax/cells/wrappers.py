@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax._util import bind
-from seqjax.cells._core import Cell, CellMeta, Kernel, batch_shape_of, wrap
+from seqjax.cells._core import Cell, CellMeta, Kernel, batch_shape_of, param_dtype, wrap
 
 __all__ = ["learnable_carry", "stack"]
 
@@ -101,9 +101,7 @@ def _check_carry_tuple(carry, n: int, what: str) -> None:
         )
 
 
-def _dtype_of(params) -> jnp.dtype:
-    leaves = [leaf for leaf in jax.tree_util.tree_leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating)]
-    return jnp.result_type(*[leaf.dtype for leaf in leaves]) if leaves else jnp.float32
+_dtype_of = param_dtype
 
 
 def cell_output_size(cell: Cell, params, input_size: int) -> int:
