@@ -51,11 +51,6 @@ class Bound:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config)
         return f"{getattr(self.fn, '__name__', self.fn)}({args})"
 
-    def get(self, name: str, default: Any = None) -> Any:
-        """A configuration value by name."""
-        value = dict(self.config).get(name, default)
-        return value.value if isinstance(value, Opaque) else value
-
 
 def _hashable(value):
     try:

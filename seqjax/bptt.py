@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax._scan import time_scan as _time_scan
+from seqjax._scan import time_scan
 from seqjax._util import cast_floating, compute_dtype, positive_int, promote
 from seqjax.cells import Cell
 from seqjax.unroll import unroll
@@ -178,7 +178,7 @@ def tbptt(
             return (c_new, jax.tree_util.tree_map(jnp.add, g_sum, g)), loss
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        (final, grads), losses = _time_scan(body, (carry0, zeros), (chunks, t_chunks))
+        (final, grads), losses = time_scan(body, (carry0, zeros), (chunks, t_chunks))
         return losses, grads, final
 
     def body_u(acc, inp):
@@ -188,7 +188,7 @@ def tbptt(
         p, s = update(p, g, s)
         return (p, s, c_new), loss
 
-    (params, state, final), losses = _time_scan(body_u, (params, state, carry0), (chunks, t_chunks))
+    (params, state, final), losses = time_scan(body_u, (params, state, carry0), (chunks, t_chunks))
     return losses, params, state, final
 
 

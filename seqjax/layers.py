@@ -48,7 +48,14 @@ import numpy as np
 from seqjax import initializers as inits
 from seqjax._util import positive_int
 from seqjax.cells import Cell, CellMeta, stack
-from seqjax.cells.wrappers import _check_carry_tuple, _check_layers_params, _dtype_of, _keep_mask
+from seqjax.cells.wrappers import (
+    _check_carry_tuple,
+    _check_layers_params,
+    _dtype_of,
+    _keep_mask,
+    cell_output_size,
+    init_in_sequence,
+)
 from seqjax.unroll import sequence_mask, unroll
 
 __all__ = [
@@ -140,31 +147,20 @@ def output_size(model: Cell | Layer, params: Params, input_size: int) -> int:
       ``O`` as a Python int.
     """
     if isinstance(model, Cell):
-
-        def run(p):
-            return model.step(p, model.initial_carry(p, ()), jnp.zeros((input_size,), _dtype_of(p)))[1]
-
-    elif isinstance(model, Layer):
+        return cell_output_size(model, params, input_size)
+    if isinstance(model, Layer):
 
         def run(p):
             return model.apply(p, jnp.zeros((1, input_size), _dtype_of(p)))[1]
 
-    else:
-        raise TypeError(f"model must be a seqjax Cell or Layer, got {type(model).__name__}.")
-    out = jax.eval_shape(run, params)
-    return int(out.shape[-1])
+        return int(jax.eval_shape(run, params).shape[-1])
+    raise TypeError(f"model must be a seqjax Cell or Layer, got {type(model).__name__}.")
 
 
 def _init_in_sequence(models, key, input_size: int) -> tuple:
     """Params of cells or layers applied one after another: model ``l`` is initialised for
     the output size of model ``l - 1``; one split key per model."""
-    params = []
-    size = input_size
-    for model, k in zip(models, jax.random.split(key, len(models)), strict=True):
-        p = model.init(k, size)
-        params.append(p)
-        size = output_size(model, p, size)
-    return tuple(params)
+    return init_in_sequence(models, key, input_size, output_size)
 
 
 def _time_mask(lengths, ys: jax.Array, time_axis: int) -> jax.Array:

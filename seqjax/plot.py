@@ -210,6 +210,6 @@ def plot_gradient_flow(report: Any, *, ax=None, **kwargs):
         ax.set_ylim(min(lo, math.log10(report.tol)) - pad, max(hi, 0.0) + pad)
     ax.set_xlabel("lag L = T - t")
     ax.set_ylabel("log10 ||ds_T / ds_t||")
-    ax.set_title(f"gradient flow: {report.kind}, regime {report.regime}")
+    ax.set_title(f"gradient flow: {report.cell}, regime {report.regime}")
     ax.legend(fontsize="small")
     return ax

@@ -177,27 +177,13 @@ def _jacobian_fn(cell: Cell, params: Any, method: str) -> Callable[[jax.Array, j
 
             return jac
         if method == "analytic":
-            name = cell.meta.name if cell.meta is not None else "this cell"
+            name = cell.label
             raise ValueError(
                 f"method='analytic': {name} has no jacobian capability (cell.jacobian is None); "
                 "use method='autodiff' or 'auto', or give the cell one: "
                 "Cell(..., jacobian=lambda params, carry, x: J)."
             )
     return jax.jacfwd(_flat_step(cell, params, like), argnums=0)
-
-
-def _diagonal_fn(cell: Cell, params: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``(s, x) -> diag J``: the ``jacobian_diagonal`` capability, else the diagonal of
-    ``_jacobian_fn(..., "auto")``."""
-    like = _like(cell, params)
-    if cell.jacobian_diagonal is not None:
-
-        def diag(s, x):
-            return cell.jacobian_diagonal(params, unflatten_state(s, like), x).astype(s.dtype)
-
-        return diag
-    jac = _jacobian_fn(cell, params, "auto")
-    return lambda s, x: jnp.diagonal(jac(s, x))
 
 
 def _check_single(cell, params, carry, x_t, name="carry"):
@@ -1052,12 +1038,10 @@ def top_eigenvalues(
 
 
 def _recurrent_bound(cell, params):
-    """``(sigma_max, gamma, name)`` from the cell's ``jacobian_bound`` capability (``None`` when absent)."""
-    name = cell.meta.name if cell.meta is not None else None
+    """``(sigma_max, gamma)`` from the cell's ``jacobian_bound`` capability (``None`` when absent)."""
     if cell.jacobian_bound is None:
-        return None, None, name
-    sigma, gamma = cell.jacobian_bound(params)
-    return sigma, gamma, name
+        return None, None
+    return cell.jacobian_bound(params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1070,7 +1054,7 @@ class GradientFlowReport:
     ``sigma_max(W_h) > 1/gamma`` is *necessary* for them to explode.
 
     Attributes (floats unless noted; logs natural, rates per step):
-      kind: ``cell.meta.name`` (or ``None``), for display.
+      cell: the cell's label (``Cell.label``), for display.
       state_size: ``S``.
       steps: ``T``.
       sigma_max: largest singular value of the recurrent matrix (from the cell's
@@ -1092,7 +1076,7 @@ class GradientFlowReport:
         against ``+-margin``).
     """
 
-    kind: str | None
+    cell: str
     state_size: int
     steps: int
     sigma_max: float | None
@@ -1116,7 +1100,7 @@ class GradientFlowReport:
 
         lines = [
             "Gradient flow (Pascanu, Mikolov & Bengio 2013): "
-            f"cell={self.kind}, S={self.state_size}, T={self.steps}",
+            f"cell={self.cell}, S={self.state_size}, T={self.steps}",
             f"  sigma_max(W_h) = {f(self.sigma_max)}   gamma = {f(self.gamma)}"
             f"   1/gamma = {f(self.critical)}",
         ]
@@ -1188,7 +1172,7 @@ def gradient_flow_report(
     T, S = J.shape[-3], J.shape[-1]
     if T < 2:
         raise ValueError(f"gradient_flow_report needs at least 2 time steps in xs, got T={T}.")
-    sigma, g_default, kind = _recurrent_bound(cell, params)
+    sigma, g_default = _recurrent_bound(cell, params)
     gamma = g_default if gamma is None else float(gamma)
     sigma = None if sigma is None else float(sigma)
     critical = None if gamma in (None, 0) else 1.0 / gamma
@@ -1209,7 +1193,7 @@ def gradient_flow_report(
     est = math.log(tol) / rate if rate < 0 else math.inf
     regime = "marginal" if abs(lyap) <= margin else ("vanishing" if lyap < 0 else "exploding")
     return GradientFlowReport(
-        kind=kind,
+        cell=cell.label,
         state_size=S,
         steps=T,
         sigma_max=sigma,

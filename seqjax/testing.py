@@ -102,7 +102,7 @@ class CellCheckReport:
     """What ``check_cell`` checked.
 
     Attributes:
-      cell: the cell's name (``cell.meta.name``, or ``"Cell"``).
+      cell: the cell's label (``Cell.label``).
       passed: the checks that ran and passed, in order (kernel checks as ``"kernel[option]"``).
       skipped: ``(check, reason)`` for every check that did not run.
       max_errors: ``{check: largest error found}`` for the checks that compare numbers
@@ -809,7 +809,7 @@ def check_cell(
         I = int(cell.input_size(params))
     else:
         I = int(input_size)
-    name = cell.meta.name if cell.meta is not None else "Cell"
+    name = cell.label
     chk = _Checker(name)
     xs = _normal(rng_x, (B, T, I), jnp.float32)
 

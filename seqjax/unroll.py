@@ -193,9 +193,6 @@ def _check_rate(rate, name):
 # --------------------------------------------------------------------------- the time scan
 
 
-_time_scan = time_scan  # the one lax.scan over time lives in seqjax._scan
-
-
 _BPTT_MODES = ("auto", "fused", "autodiff")
 
 
@@ -475,9 +472,9 @@ def unroll(
 
     inputs = (xs_tm, flags, rs, keep)
     if remat in (False, None):
-        final, (ys, carries, gates) = _time_scan(body, carry0, inputs, reverse=reverse, unroll=unroll)
+        final, (ys, carries, gates) = time_scan(body, carry0, inputs, reverse=reverse, unroll=unroll)
     elif remat is True or remat == "step":
-        final, (ys, carries, gates) = _time_scan(
+        final, (ys, carries, gates) = time_scan(
             jax.checkpoint(body), carry0, inputs, reverse=reverse, unroll=unroll
         )
     else:  # segments of k steps, each a checkpointed inner scan
@@ -499,9 +496,9 @@ def unroll(
 
         @jax.checkpoint
         def segment(c, seg):
-            return _time_scan(body, c, seg, reverse=reverse, unroll=unroll)
+            return time_scan(body, c, seg, reverse=reverse, unroll=unroll)
 
-        final, outs = _time_scan(segment, carry0, inputs, reverse=reverse)
+        final, outs = time_scan(segment, carry0, inputs, reverse=reverse)
         ys, carries, gates = jax.tree_util.tree_map(lambda a: a.reshape((n * k,) + a.shape[2:])[:T], outs)
 
     ys = jax.tree_util.tree_map(back, ys)

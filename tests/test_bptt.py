@@ -231,7 +231,8 @@ def test_fused_bidirectional(x64):
     layers = pytest.importorskip("seqjax.layers")
     xs = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float64)
     # bidirectional: two unroll calls (fused by default) == two autodiff unrolls by hand
-    bi = layers.bidirectional(sj.lstm(H))
+    fwd_cell = bwd_cell = sj.lstm(H)
+    bi = layers.bidirectional(fwd_cell, bwd_cell)
     pb = _cast(bi.init(jax.random.key(4), I), jnp.float64)
     lens = np.array([7, 3, 5])
 
@@ -239,8 +240,8 @@ def test_fused_bidirectional(x64):
         return jnp.sum(jnp.tanh(bi.apply(pb, xs, lengths=lens)[1]))
 
     def loss_ref(pb, xs):
-        _, yf = sj.unroll(bi.meta.option("fwd"), pb["fwd"], xs, lengths=lens, bptt="autodiff")
-        _, yb = sj.unroll(bi.meta.option("bwd"), pb["bwd"], xs, lengths=lens, reverse=True, bptt="autodiff")
+        _, yf = sj.unroll(fwd_cell, pb["fwd"], xs, lengths=lens, bptt="autodiff")
+        _, yb = sj.unroll(bwd_cell, pb["bwd"], xs, lengths=lens, reverse=True, bptt="autodiff")
         return jnp.sum(jnp.tanh(jnp.concatenate([yf, yb], axis=-1)))
 
     assert _rel(jax.grad(loss_bi, (0, 1))(pb, xs), jax.grad(loss_ref, (0, 1))(pb, xs)) < 1e-12

@@ -198,14 +198,20 @@ class Cell(_CellFields):
         # copy, deepcopy and pickle rebuild the tuple without the keyword-only constructor.
         return (Cell._make, (tuple(self),))
 
+    @property
+    def label(self) -> str:
+        """A name for messages and reports (``meta.name``, else ``"Cell"``)."""
+        return self.meta.name if self.meta is not None else "Cell"
+
     def capabilities(self) -> tuple[str, ...]:
         """The names of the capabilities this cell carries."""
         return tuple(name for name in CAPABILITIES if getattr(self, name) is not None)
 
     def __repr__(self) -> str:
-        name = self.meta.name if self.meta is not None else "Cell"
         caps = ", ".join(self.capabilities())
-        return f"{name}(H={self.meta.hidden_size if self.meta else '?'}; capabilities: {caps or 'none'})"
+        return (
+            f"{self.label}(H={self.meta.hidden_size if self.meta else '?'}; capabilities: {caps or 'none'})"
+        )
 
 
 def _same_function(new, old) -> bool:
@@ -414,7 +420,7 @@ def _wrapped_initial_carry(params, batch_shape=(), *, cell, get):
     return cell.initial_carry(get(params), batch_shape)
 
 
-def _wrapped_input_size(params, *, cap, get):
+def _wrapped_params_only(params, *, cap, get):
     return cap(get(params))
 
 
@@ -478,9 +484,9 @@ def wrap(
             bind(_wrapped_run, run=cell.kernel.run, get=get, inputs=inputs), cell.kernel.accepts
         )
     if cell.input_size is not None and inputs is None:
-        caps["input_size"] = bind(_wrapped_input_size, cap=cell.input_size, get=get)
+        caps["input_size"] = bind(_wrapped_params_only, cap=cell.input_size, get=get)
     if cell.jacobian_bound is not None:
-        caps["jacobian_bound"] = bind(_wrapped_input_size, cap=cell.jacobian_bound, get=get)
+        caps["jacobian_bound"] = bind(_wrapped_params_only, cap=cell.jacobian_bound, get=get)
     return Cell(
         cell.init if init is None else init,
         bind(_wrapped_initial_carry, cell=cell, get=get) if initial_carry is None else initial_carry,

@@ -36,7 +36,7 @@ import numpy as np
 
 from seqjax._scan import time_scan
 from seqjax._util import bind
-from seqjax.cells._core import Kernel, add_bias
+from seqjax.cells._core import Cell, Kernel, add_bias
 
 __all__ = [
     "GateMath",
@@ -44,7 +44,7 @@ __all__ = [
     "affine_jacobian",
     "affine_jacobian_diagonal",
     "affine_kernel",
-    "affine_capabilities",
+    "affine_cell",
     "folded_bias_weights",
 ]
 
@@ -61,10 +61,10 @@ class GateMath(NamedTuple):
       bwd: ``(residual, h_in, h_out, d_new_state) -> (d_a, d_u, d_state_direct)``: the
         cotangents of ``a`` and ``u`` and the direct part of the cotangent of the old state
         (everything but the path through ``u``).
-      tied: ``d_a`` always equals ``d_u`` (no separate recurrent bias inside the gates), so
-        the kernel keeps one of them.
-      du_from_da: optional ``(d_a, residual) -> d_u`` over whole ``(T, B, .)`` arrays: the
-        kernel then stores only ``d_a`` per step and derives ``d_u`` after the reverse scan.
+      du_from_da: ``(d_a, residual) -> d_u`` over whole ``(T, B, .)`` arrays, for a family
+        whose recurrent pre-activation enters the gates differently from the input one (the
+        GRU's reset); ``None`` (default) when ``d_u = d_a``. The kernel stores only ``d_a``
+        per step and derives ``d_u`` after the reverse scan.
       uses_h_in, uses_h_out: whether ``bwd`` reads ``h_in`` / ``h_out`` (the kernel feeds the
         reverse scan only what is read; ``None`` otherwise).
     """
@@ -74,7 +74,6 @@ class GateMath(NamedTuple):
     join: Callable
     fwd: Callable
     bwd: Callable
-    tied: bool = True
     du_from_da: Callable | None = None
     uses_h_in: bool = True
     uses_h_out: bool = True
@@ -267,11 +266,7 @@ def _fused_bwd(spec, saved, cts):
             d_in = tuple(dj - dj * r_t for dj in d_in)
         if k_t is not None:
             d_in = tuple(dj * k_t for dj in d_in)
-        if math.tied:
-            return (d_in, acc), d_u
-        if math.du_from_da is not None:
-            return (d_in, acc), d_a
-        return (d_in, acc), (d_a, d_u)
+        return (d_in, acc), d_a  # one (B, G*H) array stored per step
 
     (d0, acc), dz = time_scan(
         body,
@@ -290,12 +285,8 @@ def _fused_bwd(spec, saved, cts):
         unroll=spec.unroll,
     )
     d_state0 = tuple(a + b for a, b in zip(d0, acc, strict=True))
-    if math.tied:
-        d_a = d_u = dz
-    elif math.du_from_da is not None:  # one (T, B, G*H) array stored, not two
-        d_a, d_u = dz, math.du_from_da(dz, res)
-    else:
-        d_a, d_u = dz
+    d_a = dz
+    d_u = d_a if math.du_from_da is None else math.du_from_da(d_a, res)
     T, B, H = hs.shape
     G = d_u.shape[-1]
     # The weight gradients are sums over time: one (T*B)-row matmul each, not T small ones.
@@ -358,6 +349,24 @@ def affine_kernel(math: GateMath) -> Kernel:
     return Kernel(bind(_affine_run, math=math))
 
 
+def affine_cell(init, initial_carry, math: GateMath, *, check, gates, meta, **extra):
+    """A ``Cell`` of the affine form: its step, output rule, Jacobian, diagonal, fused kernel
+    and ``input_size`` all derived from ``math``; ``extra`` adds further capabilities."""
+    return Cell(
+        init,
+        initial_carry,
+        bind(affine_step, math=math, check=check),
+        output=bind(affine_output, math=math),
+        jacobian=bind(affine_jacobian, math=math),
+        jacobian_diagonal=bind(affine_jacobian_diagonal, math=math),
+        kernel=affine_kernel(math),
+        gates=gates,
+        input_size=bind(affine_input_size, math=math),
+        meta=meta,
+        **extra,
+    )
+
+
 def affine_output(params, carry, x, *, math):
     """The output rule of the affine form: ``y_t = h_t``, the carry's first component."""
     del params, x
@@ -367,16 +376,3 @@ def affine_output(params, carry, x, *, math):
 def affine_input_size(params, *, math):
     """``I``: the rows of ``W_x``."""
     return int(math.weights(params)[0].shape[0])
-
-
-def affine_capabilities(math: GateMath) -> dict:
-    """The capabilities an affine-form family derives from its ``GateMath`` (keyword
-    arguments of ``Cell``): ``output``, ``jacobian``, ``jacobian_diagonal``, ``kernel`` and
-    ``input_size``."""
-    return {
-        "output": bind(affine_output, math=math),
-        "jacobian": bind(affine_jacobian, math=math),
-        "jacobian_diagonal": bind(affine_jacobian_diagonal, math=math),
-        "kernel": affine_kernel(math),
-        "input_size": bind(affine_input_size, math=math),
-    }

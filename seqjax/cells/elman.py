@@ -132,10 +132,9 @@ def rnn(
         bind(_join),
         bind(_fwd, activation=activation),
         bind(_bwd, activation=activation),
-        tied=True,
         uses_h_in=False,
     )
-    return Cell(
+    return _fused.affine_cell(
         bind(
             _init,
             hidden_size=H,
@@ -145,8 +144,8 @@ def rnn(
             bias_init=bias_init,
         ),
         bind(_initial_carry, hidden_size=H),
-        bind(_fused.affine_step, math=math, check=bind(_check, hidden_size=H)),
-        **_fused.affine_capabilities(math),
+        math,
+        check=bind(_check, hidden_size=H),
         gates=bind(_gates, math=math),
         jacobian_bound=bind(_jacobian_bound, gamma=gamma),
         meta=CellMeta("rnn", H, (("activation", activation), ("hidden_bias", bool(hidden_bias)))),

@@ -131,17 +131,16 @@ def gru(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=No
         bind(_join),
         bind(_fwd),
         bind(_bwd),
-        tied=False,
         du_from_da=bind(_du_from_da),
         uses_h_out=False,
     )
-    return Cell(
+    return _fused.affine_cell(
         bind(
             _init, hidden_size=H, kernel_init=kernel_init, recurrent_init=recurrent_init, bias_init=bias_init
         ),
         bind(_initial_carry, hidden_size=H),
-        bind(_fused.affine_step, math=math, check=bind(_check, hidden_size=H)),
-        **_fused.affine_capabilities(math),
+        math,
+        check=bind(_check, hidden_size=H),
         gates=bind(_gates, math=math),
         meta=CellMeta("gru", H, ()),
     )

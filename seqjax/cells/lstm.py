@@ -125,32 +125,26 @@ def _bwd_recompute(res, h_in, h_out, d):
     return dz, dz, (jnp.zeros_like(d[0]), dc_in)
 
 
-def lstm_gate_math() -> _fused.GateMath:
-    """The LSTM's ``GateMath`` (residuals: ``c_{t-1}`` and the gate activations)."""
+def _lstm_math(fwd, bwd) -> _fused.GateMath:
     return _fused.GateMath(
         bind(_fused.folded_bias_weights),
         bind(_split),
         bind(_join),
-        bind(_fwd),
-        bind(_bwd),
-        tied=True,
+        bind(fwd),
+        bind(bwd),
         uses_h_in=False,
         uses_h_out=False,
     )
+
+
+def lstm_gate_math() -> _fused.GateMath:
+    """The LSTM's ``GateMath`` (residuals: ``c_{t-1}`` and the gate activations)."""
+    return _lstm_math(_fwd, _bwd)
 
 
 def lstm_recompute_gate_math() -> _fused.GateMath:
     """A variant ``GateMath`` that keeps the pre-activations and recomputes the gates backward."""
-    return _fused.GateMath(
-        bind(_fused.folded_bias_weights),
-        bind(_split),
-        bind(_join),
-        bind(_fwd_recompute),
-        bind(_bwd_recompute),
-        tied=True,
-        uses_h_in=False,
-        uses_h_out=False,
-    )
+    return _lstm_math(_fwd_recompute, _bwd_recompute)
 
 
 # --------------------------------------------------------------------------- cell functions
@@ -299,11 +293,11 @@ def lstm(
             meta=meta,
         )
     math = lstm_gate_math()
-    return Cell(
+    return _fused.affine_cell(
         init,
         bind(_initial_carry, **config),
-        bind(_fused.affine_step, math=math, check=bind(_check, **config)),
-        **_fused.affine_capabilities(math),
+        math,
+        check=bind(_check, **config),
         gates=bind(_gates, math=math),
         meta=meta,
     )

@@ -202,16 +202,15 @@ def janet(
         bind(_join),
         bind(_janet_fwd, beta=beta),
         bind(_janet_bwd, beta=beta),
-        tied=True,
         uses_h_out=False,
     )
-    return Cell(
+    return _fused.affine_cell(
         bind(
             _init, hidden_size=H, kernel_init=kernel_init, recurrent_init=recurrent_init, bias_init=bias_init
         ),
         bind(_initial_carry, hidden_size=H),
-        bind(_fused.affine_step, math=math, check=bind(_janet_check, hidden_size=H)),
-        **_fused.affine_capabilities(math),
+        math,
+        check=bind(_janet_check, hidden_size=H),
         gates=bind(_janet_gates, math=math),
         meta=CellMeta("janet", H, (("beta", beta),)),
     )

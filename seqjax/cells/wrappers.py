@@ -124,14 +124,22 @@ def _drop(y, l, rate, key):
     return y
 
 
-def _stack_init(key_init, input_size, *, cells):
+def init_in_sequence(models, key, input_size: int, size_of=None) -> tuple:
+    """Params of models applied one after another: model ``l`` is initialised for the output
+    size of model ``l - 1`` (``size_of(model, params, input_size)``, default
+    ``cell_output_size``); one split key per model."""
+    size_of = cell_output_size if size_of is None else size_of
     params = []
     size = input_size
-    for cell, k in zip(cells, jax.random.split(key_init, len(cells)), strict=True):
-        p = cell.init(k, size)
+    for model, k in zip(models, jax.random.split(key, len(models)), strict=True):
+        p = model.init(k, size)
         params.append(p)
-        size = cell_output_size(cell, p, size)
+        size = size_of(model, p, size)
     return tuple(params)
+
+
+def _stack_init(key_init, input_size, *, cells):
+    return init_in_sequence(cells, key_init, input_size)
 
 
 def _stack_initial_carry(params, batch_shape=(), *, cells):
