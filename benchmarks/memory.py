@@ -1,8 +1,9 @@
 """Memory: peak memory (and time) of forward+backward against the sequence length.
 
 At the ``long`` shape (B=16, I=32, H=128) and T = 100, 1,000, 10,000, for seqjax's
-variants (fused BPTT; autodiff through the scan; autodiff with ``remat="step"``; autodiff
-with ``remat=k``, ``k = ceil(sqrt(T))``) and the textbook ``lax.scan``:
+gradient strategies (``seqjax.gradients``: the default, fused BPTT; ``Autodiff()`` through
+the scan; ``Remat(1)``, a checkpoint per step; ``Remat(k)``, segments of
+``k = ceil(sqrt(T))`` steps) and the textbook ``lax.scan``:
 
 - JAX peak memory from XLA's compiled memory analysis of the gradient function
   (``jax.jit(f).lower(*args).compile().memory_analysis()``: arguments + outputs +
@@ -55,20 +56,21 @@ def settings(mode: str) -> dict[str, Any]:
 
 
 def variants(T: int) -> tuple[list[tuple[str, dict]], list[str]]:
-    """seqjax ``unroll`` keyword sets to compare at length ``T`` and notes on missing options."""
+    """seqjax ``unroll`` keyword sets to compare at length ``T`` and notes on missing options.
+
+    The names do not depend on ``T`` (a row of the tables is one name across the ``T``s):
+    ``"seqjax Remat(⌈√T⌉)"`` runs ``gradient=Remat(ceil(sqrt(T)))``."""
     opts = peers.unroll_options()
     out: list[tuple[str, dict]] = [("seqjax (default)", {})]
     notes = []
-    if "bptt" in opts:
-        out.append(("seqjax autodiff", {"bptt": "autodiff"}))
-    if "remat" in opts:
-        base = {"bptt": "autodiff"} if "bptt" in opts else {}
+    if "gradient" in opts:
         k = max(1, math.ceil(math.sqrt(T)))
-        out.append(("seqjax remat=step", {**base, "remat": "step"}))
-        out.append(("seqjax remat=⌈√T⌉", {**base, "remat": k}))
+        out.append(("seqjax Autodiff()", {"gradient": sj.gradients.Autodiff()}))
+        out.append(("seqjax Remat(1)", {"gradient": sj.gradients.Remat(1)}))
+        out.append(("seqjax Remat(⌈√T⌉)", {"gradient": sj.gradients.Remat(k)}))
     else:
         notes.append(
-            "seqjax.unroll has no remat option in this checkout: rows without rematerialisation only."
+            "seqjax.unroll has no gradient option in this checkout: rows without rematerialisation only."
         )
     return out, notes
 
@@ -192,7 +194,7 @@ def run(mode: str = "quick", *, log: Callable[[str], None] = print) -> dict:
                     "H": H,
                     "compile_s": cs,
                     "memory": mem,
-                    "unroll_kwargs": {k: v for k, v in dict(vs).get(name, {}).items()},
+                    "unroll_kwargs": {k: repr(v) for k, v in dict(vs).get(name, {}).items()},
                 }
                 if T <= s["time_max_T"]:
                     timing, out = common.time_compiled(compiled, params, xs, reps=s["reps"])

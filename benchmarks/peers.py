@@ -69,8 +69,9 @@ class Impl:
 
 
 def unroll_options() -> dict[str, Any]:
-    """Which optional keywords this checkout's ``seqjax.unroll`` accepts (``bptt``, ``remat``,
-    ...), read from its signature so the suite runs against any stage of the library."""
+    """Which optional keywords this checkout's ``seqjax.unroll`` accepts (``gradient``,
+    ``solver``, ...), read from its signature so the suite runs against any stage of the
+    library."""
     params = inspect.signature(sj.unroll).parameters
     return {name: p.default for name, p in params.items() if p.kind == inspect.Parameter.KEYWORD_ONLY}
 
@@ -88,14 +89,17 @@ def _seqjax_build(**unroll_kwargs):
 
 
 def seqjax_impls() -> list[Impl]:
-    """seqjax's default path, plus plain autodiff through the scan when ``unroll`` has a
-    switch for its explicit-BPTT fast path (to show what that path buys)."""
+    """seqjax's default path, plus plain autodiff through the scan when ``unroll`` takes a
+    gradient strategy (``gradient=Autodiff()``, to show what the fused BPTT kernel buys)."""
     impls = [Impl("seqjax", "seqjax", _seqjax_build())]
     opts = unroll_options()
-    if "bptt" in opts:
+    if "gradient" in opts:
         impls.append(
             Impl(
-                "seqjax (autodiff)", "seqjax", _seqjax_build(bptt="autodiff"), "unroll(..., bptt='autodiff')"
+                "seqjax (autodiff)",
+                "seqjax",
+                _seqjax_build(gradient=sj.gradients.Autodiff()),
+                "unroll(..., gradient=seqjax.gradients.Autodiff())",
             )
         )
     return impls

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +73,16 @@ def positive_int(value: Any, name: str, what: str = "") -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer{what}, got {value!r}.")
     return int(value)
+
+
+def write_atomically(path, write: Callable[[Any], None], *, newline: str | None = None) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``: a
+    reader never sees a half-written file, and a crash leaves the old file in place."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline=newline) as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the dtype rule

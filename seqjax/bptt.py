@@ -17,7 +17,9 @@ gate equations and their derivatives are written once). ``unroll`` runs a cell's
 whenever the kernel accepts the options asked for. Reverse-over-reverse second derivatives
 (``jax.grad`` of ``jax.grad``) work through a kernel (JAX differentiates the backward rule);
 forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) does not
-(``custom_vjp``): use ``bptt="autodiff"`` for it.
+(``custom_vjp``): use ``gradient=seqjax.gradients.Autodiff()`` for it. The gradient strategies
+themselves (``Auto``, ``Fused``, ``Autodiff``, ``Remat``, ``Truncate``) are in
+``seqjax.gradients``.
 
 Also here: ``chunk_stream`` and ``tbptt`` (stateful truncated BPTT over a long stream) and
 ``gradient_norms`` (``||dL/ds_t||`` for every step from one backward pass).
@@ -32,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax._scan import time_scan
+from seqjax._scan import batch_shape_of_xs, time_axis_of, time_scan
 from seqjax._util import cast_floating, compute_dtype, positive_int, promote
 from seqjax.cells import Cell
+from seqjax.gradients import Autodiff
 from seqjax.unroll import unroll
 
 __all__ = [
@@ -80,11 +83,7 @@ def chunk_stream(xs: jax.Array, chunk: int, *, time_axis: int = -2) -> jax.Array
       ValueError: if ``chunk`` does not divide ``T`` or is not a positive integer.
     """
     xs = jnp.asarray(xs)
-    if xs.ndim < 1:
-        raise ValueError(f"xs must have a time axis, got shape {tuple(xs.shape)}.")
-    ta = time_axis + xs.ndim if time_axis < 0 else time_axis
-    if not 0 <= ta < xs.ndim:
-        raise ValueError(f"time_axis={time_axis} is out of range for xs of shape {tuple(xs.shape)}.")
+    ta = time_axis_of(time_axis, xs.ndim, name=f"xs of shape {tuple(xs.shape)}", features=False)
     positive_int(chunk, "chunk")
     T = xs.shape[ta]
     if T % chunk:
@@ -121,7 +120,8 @@ def tbptt(
         g_n = dL_n / dparams
 
     Without ``update`` the gradients are summed (``sum_n g_n``: the truncated gradient of the
-    total loss, which equals ``unroll(..., truncate=chunk)`` for a loss that sums over steps).
+    total loss, which equals ``unroll(..., gradient=Truncate(chunk))`` for a loss that sums over
+    steps).
     With ``update(params, g_n, state) -> (params, state)`` (e.g. an optax step) the params are
     updated after every chunk, as in online TBPTT training.
 
@@ -136,7 +136,7 @@ def tbptt(
       update: optional ``(params, grads, state) -> (params, state)``.
       state: the initial ``state`` for ``update`` (e.g. an optax optimiser state).
       time_axis: the time axis of ``xs`` and ``targets``.
-      **unroll_kwargs: passed to ``unroll`` for every chunk (``bptt``, ``remat``, ...).
+      **unroll_kwargs: passed to ``unroll`` for every chunk (``gradient``, ``solver``, ...).
 
     Returns:
       Without ``update``: ``(losses (N,), grads, final_carry)``.
@@ -154,8 +154,8 @@ def tbptt(
         if targets is None
         else jax.tree_util.tree_map(lambda a: chunk_stream(a, chunk, time_axis=time_axis), targets)
     )
-    ta = time_axis + xs.ndim if time_axis < 0 else time_axis
-    batch_shape = tuple(s for i, s in enumerate(xs.shape[:-1]) if i != ta)
+    ta = time_axis_of(time_axis, xs.ndim, name=f"xs of shape {tuple(xs.shape)}")
+    batch_shape = batch_shape_of_xs(xs.shape, ta)
     carry0 = cell.initial_carry(params, batch_shape) if carry is None else carry
     # The dtype rule: the stream and the carry in the compute dtype (params keep theirs, so the
     # gradients and ``update`` see the params' own dtype; each chunk's unroll casts them).
@@ -278,8 +278,8 @@ def gradient_norms(
         )
     xs = jnp.asarray(xs)
     params, xs, carry, _ = promote(params, xs, carry)
-    ta = time_axis + xs.ndim if time_axis < 0 else time_axis
-    batch_shape = tuple(s for i, s in enumerate(xs.shape[:-1]) if i != ta)
+    ta = time_axis_of(time_axis, xs.ndim, name=f"xs of shape {tuple(xs.shape)}")
+    batch_shape = batch_shape_of_xs(xs.shape, ta)
     nb = len(batch_shape)
     I = xs.shape[-1]
     if carry is None:
@@ -314,7 +314,7 @@ def gradient_norms(
     def loss(eps):
         xe = jnp.concatenate([xs.astype(dtype), eps], axis=-1)
         _, ys = unroll(
-            wrapped, params, xe, carry=carry, time_axis=time_axis, bptt="autodiff", **unroll_kwargs
+            wrapped, params, xe, carry=carry, time_axis=time_axis, gradient=Autodiff(), **unroll_kwargs
         )
         return loss_fn(ys)
 

@@ -38,7 +38,7 @@ Kept units are scaled by ``1 / (1 - rate)`` in both.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -46,17 +46,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax import initializers as inits
+from seqjax._scan import time_axis_of
 from seqjax._util import positive_int
 from seqjax.cells import Cell, CellMeta, stack
 from seqjax.cells.wrappers import (
     _check_carry_tuple,
     _check_layers_params,
+    _check_rate,
     _dtype_of,
     _keep_mask,
     cell_output_size,
     init_in_sequence,
 )
-from seqjax.unroll import sequence_mask, unroll
+from seqjax.unroll import UNROLL_OPTIONS, check_options, sequence_mask, unroll
+
+_LAYER_OPTIONS = tuple(o for o in UNROLL_OPTIONS if o not in ("carry", "lengths", "time_axis"))
+_BI_OPTIONS = tuple(o for o in _LAYER_OPTIONS if o != "reverse")
 
 __all__ = [
     "Layer",
@@ -126,12 +131,6 @@ class BiCarry(NamedTuple):
 _as_int = positive_int
 
 
-def _check_rate(rate, name="dropout") -> float:
-    if not (0.0 <= float(rate) < 1.0):
-        raise ValueError(f"{name} must lie in [0, 1), got {rate}.")
-    return float(rate)
-
-
 def output_size(model: Cell | Layer, params: Params, input_size: int) -> int:
     """The number of output features ``O`` of a cell or layer fed ``input_size`` features.
 
@@ -165,7 +164,7 @@ def _init_in_sequence(models, key, input_size: int) -> tuple:
 
 def _time_mask(lengths, ys: jax.Array, time_axis: int) -> jax.Array:
     """Boolean ``(*ys.shape[:-1])`` mask ``t < lengths`` with time at ``time_axis`` of ``ys``."""
-    ta = time_axis % ys.ndim
+    ta = time_axis_of(time_axis, ys.ndim, name="ys")
     T = ys.shape[ta]
     return sequence_mask(jnp.asarray(lengths), T, time_axis=ta)
 
@@ -173,30 +172,49 @@ def _time_mask(lengths, ys: jax.Array, time_axis: int) -> jax.Array:
 # --------------------------------------------------------------------------- layers
 
 
-def as_layer(cell: Cell, *, reverse: bool = False) -> Layer:
+def _shown(options: dict) -> tuple:
+    """``options`` as sorted ``(name, value)`` pairs for a ``CellMeta``, arrays as ``"array"``."""
+    return tuple((k, v if isinstance(v, Hashable) else "array") for k, v in sorted(options.items()))
+
+
+def as_layer(cell: Cell, **options) -> Layer:
     """A cell as a sequence layer: ``apply`` is ``unroll(cell, ...)``.
 
     Args:
       cell: any ``Cell``.
-      reverse: read each sequence backwards (from its own last valid step when ``lengths``
-        is given); outputs stay in input order.
+      **options: options of ``unroll`` fixed for this layer (``seqjax.unroll.UNROLL_OPTIONS``
+        but ``carry``), e.g. ``reverse=True`` (read each sequence backwards, from its own last
+        valid step when ``lengths`` is given; outputs stay in input order),
+        ``gradient=seqjax.gradients.Remat(8)`` or ``solver=...``. ``apply`` also forwards any
+        of them per call (``mask=``, ``resets=``, ...), a per-call value winning.
 
     Returns:
       A ``Layer`` with the cell's params and carry;
-      ``meta = CellMeta("recurrent", H, (("cell", cell), ("reverse", reverse)))``.
+      ``meta = CellMeta("recurrent", H, (("cell", cell), *options))`` (arrays shown as
+      ``"array"``: the meta is for display).
+
+    Example::
+
+      layer = as_layer(seqjax.lstm(32), reverse=True, gradient=seqjax.gradients.Remat(10))
+      carry, ys = layer.apply(params, xs, lengths=lengths)
     """
     if isinstance(cell, Layer):
         return cell
     if not isinstance(cell, Cell):
         raise TypeError(f"as_layer: cell must be a seqjax.Cell, got {type(cell).__name__}.")
+    fixed = check_options("as_layer", options, _LAYER_OPTIONS)
 
-    def apply(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None):
+    def apply(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None, **call):
         del key
-        return unroll(cell, params, xs, carry=carry, lengths=lengths, reverse=reverse, time_axis=time_axis)
+        kw = {**fixed, **check_options("Layer.apply", call, _LAYER_OPTIONS)}
+        return unroll(cell, params, xs, carry=carry, lengths=lengths, time_axis=time_axis, **kw)
 
     H = cell.meta.hidden_size if cell.meta is not None else 0
     return Layer(
-        cell.init, apply, cell.initial_carry, CellMeta("recurrent", H, (("cell", cell), ("reverse", reverse)))
+        cell.init,
+        apply,
+        cell.initial_carry,
+        CellMeta("recurrent", H, (("cell", cell), *_shown(options))),
     )
 
 
@@ -213,6 +231,7 @@ def bidirectional(
     bwd_cell: Cell | None = None,
     *,
     merge: str | Callable[[jax.Array, jax.Array], jax.Array] = "concat",
+    **options,
 ) -> Layer:
     r"""Bidirectional layer (Schuster & Paliwal 1997): two independent cells, one per direction.
 
@@ -237,6 +256,8 @@ def bidirectional(
       merge: ``"concat"`` (``[y_fwd, y_bwd]``, features ``O_f + O_b``), ``"sum"``,
         ``"mean"``, ``"mul"``, or a callable ``(y_fwd, y_bwd) -> y`` acting on
         ``(*batch, T, O)`` arrays.
+      **options: options of ``unroll`` for both directions (``mask``, ``resets``,
+        ``gradient``, ``solver``); ``apply`` forwards them per call too.
 
     Returns:
       A ``Layer``. ``apply``'s ``carry`` is a ``BiCarry`` (or ``None``: zeros).
@@ -270,15 +291,18 @@ def bidirectional(
             bwd_cell.initial_carry(params["bwd"], batch_shape),
         )
 
-    def apply(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None):
+    fixed = check_options("bidirectional", options, _BI_OPTIONS)
+
+    def apply(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None, **call):
         del key
+        kw = {**fixed, **check_options("Layer.apply", call, _BI_OPTIONS)}
         _check(params)
         if carry is not None and (not isinstance(carry, tuple) or len(carry) != 2):
             raise ValueError("bidirectional: carry must be a BiCarry(fwd, bwd) (or None for zeros).")
         c_f, c_b = (None, None) if carry is None else carry
-        h_f, y_f = unroll(fwd_cell, params["fwd"], xs, carry=c_f, lengths=lengths, time_axis=time_axis)
+        h_f, y_f = unroll(fwd_cell, params["fwd"], xs, carry=c_f, lengths=lengths, time_axis=time_axis, **kw)
         h_b, y_b = unroll(
-            bwd_cell, params["bwd"], xs, carry=c_b, lengths=lengths, time_axis=time_axis, reverse=True
+            bwd_cell, params["bwd"], xs, carry=c_b, lengths=lengths, time_axis=time_axis, reverse=True, **kw
         )
         ys = merge_fn(y_f, y_b)
         if lengths is not None and merge_fn not in _MERGES.values():
@@ -309,9 +333,10 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
 
     Returns:
       A ``Layer`` whose ``apply(params, xs, *, carry=None, lengths=None, time_axis=-2,
-      key=None, deterministic=False)`` needs ``key`` when ``dropout > 0`` unless
+      key=None, deterministic=False, **options)`` needs ``key`` when ``dropout > 0`` unless
       ``deterministic=True`` (evaluation: no dropout). Sub-layers receive keys split from
-      ``key``.
+      ``key``, and ``options`` (options of ``unroll`` such as ``mask=`` or ``gradient=``) as
+      they are.
 
     Example::
 
@@ -322,7 +347,7 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
     layers = tuple(as_layer(layer) for layer in layers)
     if not layers:
         raise ValueError("stack_layers: layers must hold at least one Layer or Cell.")
-    rate = _check_rate(dropout)
+    rate = _check_rate(dropout, "dropout")
     L = len(layers)
 
     def init(key, input_size):
@@ -332,7 +357,9 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
         _check_layers_params(params, L, "stack_layers")
         return tuple(layer.initial_carry(p, batch_shape) for layer, p in zip(layers, params, strict=True))
 
-    def apply(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None, deterministic=False):
+    def apply(
+        params, xs, *, carry=None, lengths=None, time_axis=-2, key=None, deterministic=False, **options
+    ):
         _check_layers_params(params, L, "stack_layers")
         if carry is not None:
             _check_carry_tuple(carry, L, "stack_layers")
@@ -350,7 +377,9 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
             if l and rate and key is not None:
                 ys = ys * _keep_mask(keys[2 * l], rate, ys.shape, ys.dtype)
             c = None if carry is None else carry[l]
-            h, ys = layer.apply(p, ys, carry=c, lengths=lengths, time_axis=time_axis, key=keys[2 * l + 1])
+            h, ys = layer.apply(
+                p, ys, carry=c, lengths=lengths, time_axis=time_axis, key=keys[2 * l + 1], **options
+            )
             finals.append(h)
         return tuple(finals), ys
 

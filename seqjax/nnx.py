@@ -3,7 +3,8 @@
 Each module holds the functional params of its cell as ``nnx.Param`` attributes with the
 same names and layouts (``module.w_x``, ``module.w_h``, ``module.b``, ...) and runs through
 ``seqjax.unroll``, so it equals the functional API given the same weights, and every
-``unroll`` feature (lengths, masks, resets, reversal, dropout, carries) is available::
+``unroll`` option (lengths, masks, resets, reversal, gradient strategies, solvers) is
+forwarded as it is, and ``Recurrent.trajectory`` gives every step's carry and gates::
 
     from flax import nnx
     import seqjax.nnx as sjnn
@@ -35,7 +36,7 @@ from flax import nnx
 
 from seqjax import layers as _layers
 from seqjax.cells import Cell, gru, lstm, rnn
-from seqjax.unroll import check_params, unroll
+from seqjax.unroll import check_options, check_params, trajectory, unroll
 
 __all__ = ["Recurrent", "RNN", "LSTM", "GRU", "Bidirectional", "Stack"]
 
@@ -118,49 +119,24 @@ class Recurrent(nnx.Module):
         """``cell.initial_carry(params, batch_shape)``: zeros, leaves ``(*batch_shape, ...)``."""
         return self.cell.initial_carry(self.to_params(), batch_shape)
 
-    def __call__(
-        self,
-        xs: jax.Array,
-        *,
-        carry: Any = None,
-        lengths: jax.Array | None = None,
-        mask: jax.Array | None = None,
-        resets: jax.Array | None = None,
-        reverse: bool = False,
-        time_axis: int = -2,
-        return_carries: bool = False,
-        return_gates: bool = False,
-        input_dropout: float = 0.0,
-        recurrent_dropout: float = 0.0,
-        key: jax.Array | None = None,
-    ):
-        """Run the cell over ``xs``: ``seqjax.unroll(cell, self.to_params(), xs, ...)``.
+    def __call__(self, xs: jax.Array, **options):
+        """Run the cell over ``xs``: ``seqjax.unroll(cell, self.to_params(), xs, **options)``.
 
         Args:
           xs: ``(*batch, T, I)`` (or time-major with ``time_axis=0``).
-          carry, lengths, mask, resets, reverse, time_axis, return_carries, return_gates,
-            input_dropout, recurrent_dropout, key: as in ``seqjax.unroll``.
+          **options: any option of ``seqjax.unroll`` (``carry``, ``lengths``, ``mask``,
+            ``resets``, ``reverse``, ``time_axis``, ``gradient``, ``solver``); for dropout
+            wrap the cell (``seqjax.cells.dropout``).
 
         Returns:
-          ``(carry, ys)`` with ``ys: (*batch, T, H)``, or ``(carry, ys, UnrollAux)`` when
-          ``return_carries`` or ``return_gates``.
+          ``(carry, ys)`` with ``ys: (*batch, T, H)``.
         """
-        return unroll(
-            self.cell,
-            self.to_params(),
-            xs,
-            carry=carry,
-            lengths=lengths,
-            mask=mask,
-            resets=resets,
-            reverse=reverse,
-            time_axis=time_axis,
-            return_carries=return_carries,
-            return_gates=return_gates,
-            input_dropout=input_dropout,
-            recurrent_dropout=recurrent_dropout,
-            key=key,
-        )
+        return unroll(self.cell, self.to_params(), xs, **check_options("Recurrent", options))
+
+    def trajectory(self, xs: jax.Array, *, gates: bool = False, **options):
+        """``seqjax.trajectory(cell, self.to_params(), xs, gates=gates, **options)``: every
+        step's carry (and gates), a ``seqjax.Trajectory``."""
+        return trajectory(self.cell, self.to_params(), xs, gates=gates, **check_options("Recurrent", options))
 
 
 def _input_size_of(cell: Cell, params: Any) -> int:
@@ -356,25 +332,19 @@ class Bidirectional(nnx.Module):
         """``BiCarry(fwd.initial_carry(batch_shape), bwd.initial_carry(batch_shape))``."""
         return _layers.BiCarry(self.fwd.initial_carry(batch_shape), self.bwd.initial_carry(batch_shape))
 
-    def __call__(
-        self,
-        xs: jax.Array,
-        *,
-        carry: _layers.BiCarry | None = None,
-        lengths: jax.Array | None = None,
-        time_axis: int = -2,
-    ):
-        """Run both directions and merge per step.
+    def __call__(self, xs: jax.Array, **options):
+        """Run both directions and merge per step: the functional layer's ``apply``.
 
         Args:
           xs: ``(*batch, T, I)``.
-          carry: ``BiCarry(fwd, bwd)``; default zeros.
-          lengths, time_axis: as in ``seqjax.unroll`` (shared by both directions).
+          **options: ``carry`` (a ``BiCarry(fwd, bwd)``; default zeros), ``lengths``,
+            ``time_axis`` and the options of ``seqjax.unroll`` both directions share
+            (``mask``, ``resets``, ``gradient``, ``solver``).
 
         Returns:
           ``(BiCarry(fwd, bwd), ys)``.
         """
-        return self.as_layer().apply(self.to_params(), xs, carry=carry, lengths=lengths, time_axis=time_axis)
+        return self.as_layer().apply(self.to_params(), xs, **options)
 
 
 class Stack(nnx.Module):
@@ -430,19 +400,19 @@ class Stack(nnx.Module):
         xs: jax.Array,
         *,
         carry: Sequence | None = None,
-        lengths: jax.Array | None = None,
-        time_axis: int = -2,
         deterministic: bool = True,
         key: jax.Array | None = None,
+        **options,
     ):
         """Run the layers in order.
 
         Args:
           xs: ``(*batch, T, I)``.
           carry: a tuple with one carry per layer, or ``None`` (zeros).
-          lengths, time_axis: passed to every layer.
           deterministic: ``True`` (default) runs without dropout; ``False`` applies it.
           key: PRNG key for the dropout (default: a fresh key from ``rngs.dropout()``).
+          **options: passed to every layer as they are: ``lengths``, ``time_axis`` and the
+            options of ``seqjax.unroll`` (``mask``, ``resets``, ``gradient``, ``solver``).
 
         Returns:
           ``(carries, ys)``: a tuple of final carries and the last layer's outputs.
@@ -457,8 +427,7 @@ class Stack(nnx.Module):
             self.to_params(),
             xs,
             carry=None if carry is None else tuple(carry),
-            lengths=lengths,
-            time_axis=time_axis,
             key=key,
             deterministic=deterministic or not self.dropout,
+            **options,
         )

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax._scan import time_axis_of
 from seqjax._util import positive_int
 from seqjax.cells import Cell
 from seqjax.layers import Layer, Pointwise, as_layer, output_size
@@ -94,15 +95,6 @@ class GenCarry(NamedTuple):
 # --------------------------------------------------------------------------- pooling
 
 
-def _norm_axis(time_axis: int, ndim: int, name: str = "ys") -> int:
-    ta = time_axis + ndim if time_axis < 0 else time_axis
-    if not 0 <= ta < ndim - 1:
-        raise ValueError(
-            f"time_axis={time_axis} is not a time axis of {name} with {ndim} dims (features last)."
-        )
-    return ta
-
-
 def last_step(ys: jax.Array, lengths: jax.Array | None = None, *, time_axis: int = -2) -> jax.Array:
     """The output at each sequence's last valid step: ``ys[..., lengths - 1, :]``.
 
@@ -115,7 +107,7 @@ def last_step(ys: jax.Array, lengths: jax.Array | None = None, *, time_axis: int
       ``(*batch, O)``.
     """
     ys = jnp.asarray(ys)
-    ta = _norm_axis(time_axis, ys.ndim)
+    ta = time_axis_of(time_axis, ys.ndim, name="ys")
     ys_b = jnp.moveaxis(ys, ta, -2)  # (*batch, T, O)
     if lengths is None:
         return ys_b[..., -1, :]
@@ -149,7 +141,7 @@ def pool(
     if how not in ("mean", "max"):
         raise ValueError(f"how must be 'last', 'mean' or 'max', got {how!r}.")
     ys = jnp.asarray(ys)
-    ys_b = jnp.moveaxis(ys, _norm_axis(time_axis, ys.ndim), -2)
+    ys_b = jnp.moveaxis(ys, time_axis_of(time_axis, ys.ndim, name="ys"), -2)
     T = ys_b.shape[-2]
     if lengths is None:
         lengths = jnp.full(ys_b.shape[:-2], T, jnp.int32)
@@ -239,7 +231,7 @@ def many_to_many(body: Cell | Layer, head: Pointwise | None = None) -> SeqModel:
             return ys
         out = head.apply(params["head"], ys)
         if lengths is not None:
-            ta = _norm_axis(time_axis, out.ndim)
+            ta = time_axis_of(time_axis, out.ndim, name="ys")
             m = sequence_mask(jnp.asarray(lengths), out.shape[ta], time_axis=ta)
             out = jnp.where(m[..., None], out, jnp.zeros_like(out))
         return out
@@ -303,7 +295,7 @@ def encoder_decoder(
 
     def decode(params, carry, dec_inputs, *, lengths=None, time_axis=-2):
         dec_inputs = jnp.asarray(dec_inputs)
-        ta = _norm_axis(time_axis, dec_inputs.ndim, "dec_inputs")
+        ta = time_axis_of(time_axis, dec_inputs.ndim, name="dec_inputs")
         batch_shape = tuple(np.delete(np.array(dec_inputs.shape[:-1], dtype=np.int64), ta).tolist())
         check_carry(
             decoder,

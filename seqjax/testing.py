@@ -24,8 +24,9 @@ import numpy as np
 
 from seqjax._util import is_floating
 from seqjax.cells import KERNEL_OPTIONS, Cell
+from seqjax.gradients import Autodiff, Fused, Truncate
 from seqjax.spectrum import flatten_state, unflatten_state
-from seqjax.unroll import unroll
+from seqjax.unroll import trajectory, unroll
 
 __all__ = ["check_cell", "CellCheckError", "CellCheckReport", "CHECKS"]
 
@@ -56,7 +57,7 @@ _FD_DIRECTIONS = 2
 _STATE_SCALES = (0.5, 1.0, 2.0)  # random states and inputs of the Jacobian checks, times state_scale
 
 _HINTS = {
-    "loop": "unroll(cell, params, xs, bptt='autodiff') must equal a Python loop over cell.step from "
+    "loop": "unroll(cell, params, xs, gradient=Autodiff()) must equal a Python loop over cell.step from "
     "cell.initial_carry(params, (batch,)).",
     "carry": "cell.step must return a carry with the tree, shapes and dtypes of the carry it was given, and "
     "cell.initial_carry(params, batch_shape) leaves (*batch_shape, ...) in the params' dtype.",
@@ -64,7 +65,7 @@ _HINTS = {
     "Python control flow breaks this).",
     "vmap": "jax.vmap of unroll over sequences must equal unrolling each sequence (a step that mixes the "
     "batch rows, or assumes a batch axis, breaks this).",
-    "grads": "gradients through unroll(bptt='autodiff') must match central finite differences "
+    "grads": "gradients through unroll(gradient=Autodiff()) must match central finite differences "
     "(a custom_vjp or stop_gradient inside the step that is wrong).",
     "input_size": "cell.input_size(params) must be the number of input features the params were made for.",
     "output": "cell.output(params, new_carry, x_t) must equal the y_t that cell.step returns with new_carry.",
@@ -341,7 +342,7 @@ def _check_carry(chk, cell, params, xs, dtype, label=""):
                 chk.fail("carry", f"initial_carry(params, {bs}){_fmt_path(path)} has shape {a.shape}{label}.")
         if tuple(y.shape[: len(bs)]) != bs:
             chk.fail("carry", f"step's y has shape {y.shape} for batch shape {bs}{label}.")
-    final, ys = jax.eval_shape(lambda p, x: unroll(cell, p, x, bptt="autodiff"), params, xs)
+    final, ys = jax.eval_shape(lambda p, x: unroll(cell, p, x, gradient=Autodiff()), params, xs)
     _same_structure(chk, "carry", f"the final carry of unroll{label}", final, c0)
     if tuple(ys.shape[:2]) != (B, T):
         chk.fail("carry", f"ys of unroll has shape {ys.shape}, expected ({B}, {T}, ...){label}.")
@@ -351,7 +352,7 @@ def _step_parts(cell, B):
     """What the ``loop``, ``jit`` and ``vmap`` checks compute under ``jax.jit``, by check."""
 
     def loop(p, x):
-        return {"unroll": unroll(cell, p, x, bptt="autodiff"), "loop": _python_loop(cell, p, x)}
+        return {"unroll": unroll(cell, p, x, gradient=Autodiff()), "loop": _python_loop(cell, p, x)}
 
     def jit(p, x):
         return unroll(cell, p, x)
@@ -384,7 +385,7 @@ def _check_step(chk, cell, params, xs, tol, selected):
             continue
         if name == "loop":
             got, want = out["loop"]["unroll"], out["loop"]["loop"]
-            how = "unroll(bptt='autodiff') vs a Python loop over step"
+            how = "unroll(gradient=Autodiff()) vs a Python loop over step"
             e = max(
                 chk.compare("loop", "final carry", got[0], want[0], *tol, how=how),
                 chk.compare("loop", "ys", got[1], want[1], *tol, how=how),
@@ -424,12 +425,12 @@ def _split_floating(tree):
 
 def _check_grads(chk, cell, params, xs, carry0, rng):
     """Reverse (``jax.grad``) and forward (``jax.jvp``) derivatives of a scalar loss of
-    ``(final carry, ys)`` through ``unroll(bptt="autodiff")`` against central differences."""
+    ``(final carry, ys)`` through ``unroll(gradient=Autodiff())`` against central differences."""
     theta, rebuild = _split_floating((params, xs, carry0))
 
     def loss(fl):
         p, x, c = rebuild(fl)
-        final, ys = unroll(cell, p, x, carry=c, bptt="autodiff")
+        final, ys = unroll(cell, p, x, carry=c, gradient=Autodiff())
         return _linear_loss(ys, final) + 0.5 * jnp.sum(ys * ys)
 
     directions = []
@@ -601,7 +602,7 @@ def _kernel_requests(cell, options, B, T, rng):
         "resets": [("kernel[resets]", {"resets": resets})],
         "truncate": [("kernel[truncate]", {"truncate": 2})],
         "reverse": [("kernel[reverse]", {"reverse": True})],
-        "trajectory": [("kernel[trajectory]", {"return_carries": True})],
+        "trajectory": [("kernel[trajectory]", {"trajectory": True})],
     }
     runs = [("kernel[plain]", {}, True)]
     skipped = []
@@ -622,18 +623,24 @@ def _kernel_requests(cell, options, B, T, rng):
 
 
 def _check_kernel(chk, cell, params, xs, carry0, tol, options, rng):
-    """Each option: ``unroll(bptt="fused")`` against ``unroll(bptt="autodiff")``, values and
+    """Each option: ``gradient=Fused()`` against ``gradient=Autodiff()``, values and
     gradients of a linear loss (a fixed random-looking cotangent) w.r.t. params, xs, carry."""
     B, T, _ = xs.shape
     runs, skipped = _kernel_requests(cell, options, B, T, rng)
     names = ("params", "xs", "carry0")
 
-    def one(p, x, c, kw, carry_given, bptt):
+    def one(p, x, c, kw, carry_given, mode):
+        kw = dict(kw)
+        base = Fused() if mode == "fused" else Autodiff()
+        every = kw.pop("truncate", None)
+        gradient = base if every is None else Truncate(every, base=base)
+        run = trajectory if kw.pop("trajectory", False) else unroll
+
         def loss(p, x, c):
-            out = unroll(cell, p, x, carry=c if carry_given else None, bptt=bptt, **kw)
+            out = run(cell, p, x, carry=c if carry_given else None, gradient=gradient, **kw)
             values = {"final carry": out[0], "ys": out[1]}
-            if kw.get("return_carries"):
-                values["carries"] = out[2].carries
+            if run is trajectory:
+                values["carries"] = out.carries
             return _linear_loss(*values.values()), values
 
         argnums = (0, 1, 2) if carry_given else (0, 1)
@@ -642,9 +649,9 @@ def _check_kernel(chk, cell, params, xs, carry0, tol, options, rng):
 
     def all_runs(p, x, c, which):
         return {
-            f"{check}|{bptt}": one(p, x, c, kw, carry_given, bptt)
+            f"{check}|{mode}": one(p, x, c, kw, carry_given, mode)
             for check, kw, carry_given in which
-            for bptt in ("fused", "autodiff")
+            for mode in ("fused", "autodiff")
         }
 
     # one compiled program for every option; an option that fails to trace is found alone
@@ -659,7 +666,7 @@ def _check_kernel(chk, cell, params, xs, carry0, tol, options, rng):
         (v_f, g_f), (v_a, g_a) = results[f"{check}|fused"], results[f"{check}|autodiff"]
         worst = 0.0
         for what in v_a:
-            how = "bptt='fused' vs bptt='autodiff'"
+            how = "gradient=Fused() vs gradient=Autodiff()"
             worst = max(worst, chk.compare(check, what, v_f[what], v_a[what], *tol, how=how))
         for what in g_a:
             worst = max(worst, chk.compare(check, what, g_f[what], g_a[what], *tol, how=how))
@@ -693,7 +700,7 @@ def check_cell(
 
     The step (capability ``"step"``), in ``dtype``:
 
-    * ``loop``: ``unroll(cell, params, xs, bptt="autodiff")`` equals a Python loop of
+    * ``loop``: ``unroll(cell, params, xs, gradient=Autodiff())`` equals a Python loop of
       ``cell.step`` from ``cell.initial_carry(params, (B,))`` (final carry and ``ys``).
     * ``carry``: ``initial_carry(params, batch_shape)`` has leaves ``(*batch_shape, ...)`` in
       the params' dtype; ``step`` and ``unroll`` return a carry of the same tree, shapes and
@@ -706,7 +713,7 @@ def check_cell(
     and carries are cast to float64), from random carries ``initial_carry + N(0, state_scale^2)``:
 
     * ``grads``: for ``L = <w, ys> + <w', final carry> + |ys|^2 / 2`` through
-      ``unroll(..., bptt="autodiff")`` and ``2`` random unit directions ``v`` in
+      ``unroll(..., gradient=Autodiff())`` and ``2`` random unit directions ``v`` in
       ``(params, xs, carry0)``: ``<grad L, v>`` (reverse mode) and ``jax.jvp`` (forward mode)
       against ``(L(θ + εv) - L(θ - εv)) / 2ε``, ``ε = 1e-5``, to ``1e-6 (1 + |grad L|)``.
     * ``input_size``: ``cell.input_size(params) == I``.
@@ -722,11 +729,11 @@ def check_cell(
     * ``jacobian_bound``: ``(sigma, gamma) = cell.jacobian_bound(params)`` and
       ``||jacfwd||_2 <= sigma * gamma`` at those states.
     * ``kernel``: for the plain call and each option the kernel accepts (``Kernel.accepts``),
-      ``unroll(..., bptt="fused")`` against ``unroll(..., bptt="autodiff")``: the final carry,
+      ``gradient=Fused()`` against ``gradient=Autodiff()``: the final carry,
       ``ys``, the carries (``trajectory``), and the gradients of a linear loss of them (a
       fixed cotangent) w.r.t. params, xs and the initial carry. Options: ``mask`` (a ``mask``
-      with held steps, then ``lengths``), ``resets``, ``truncate`` (``truncate=2``),
-      ``reverse``, ``trajectory`` (``return_carries=True``), then every accepted option at
+      with held steps, then ``lengths``), ``resets``, ``truncate`` (``Truncate(2, base=...)``),
+      ``reverse``, ``trajectory`` (``seqjax.trajectory``), then every accepted option at
       once from the cell's own initial carry (``kernel[combined]``).
 
     Tolerances: ``|got - expected| <= atol + rtol |expected|`` entrywise, by default

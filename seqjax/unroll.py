@@ -1,10 +1,12 @@
-"""Unrolling a cell over time: the one place in seqjax that calls ``jax.lax.scan``.
+"""Running a cell over a sequence: ``unroll`` and ``trajectory``.
 
-``unroll(cell, params, xs)`` scans ``cell.step`` over the time axis of ``xs`` and returns
-``(final_carry, ys)``. Everything that changes how a sequence is walked (variable lengths,
-masks, resets at episode boundaries, reversal, dropout masks shared across time, the
-trajectory of carries and gates) lives here, so every cell, a user's own included, gets all
-of it.
+``unroll(cell, params, xs)`` runs ``cell.step`` over the time axis of ``xs`` and returns
+``(final_carry, ys)``, always. ``trajectory(...)`` runs the same and returns the fixed
+NamedTuple ``Trajectory(carry, ys, carries, gates)``. Everything that changes how a sequence
+is walked (variable lengths, masks, resets at episode boundaries, reversal) lives here, so
+every cell, a user's own included, gets all of it. How gradients are computed is the
+``gradient=`` strategy (``seqjax.gradients``); how the time axis is solved is the
+``solver=`` (``seqjax.solvers``). Dropout is a cell transformation (``seqjax.cells.dropout``).
 """
 
 from __future__ import annotations
@@ -15,24 +17,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax._scan import time_scan
+from seqjax import gradients as _gradients
+from seqjax import solvers as _solvers
+from seqjax._scan import batch_shape_of_xs, time_axis_of, time_scan
 from seqjax._util import promote
-from seqjax.cells import Cell, learnable_carry
+from seqjax.cells import Cell
 
-__all__ = ["unroll", "UnrollAux", "sequence_mask", "learnable_carry", "check_params", "check_carry"]
+__all__ = [
+    "unroll",
+    "trajectory",
+    "Trajectory",
+    "UNROLL_OPTIONS",
+    "sequence_mask",
+    "check_params",
+    "check_carry",
+]
 
 
-class UnrollAux(NamedTuple):
-    """Extra outputs of ``unroll`` when asked for.
+class Trajectory(NamedTuple):
+    """What ``trajectory`` returns: the run of a cell over a sequence, step by step.
 
     Attributes:
+      carry: the final carry, leaves ``(*batch, ...)`` (as ``unroll`` returns it).
+      ys: the outputs ``(*batch, T, O)`` (time at ``time_axis``), as ``unroll`` returns them.
       carries: the carry after every step, a pytree like the carry whose leaves gain a time
-        axis at ``time_axis`` (batch-major default: ``(*batch, T, ...)``); ``None`` unless
-        ``return_carries=True``. For the LSTM this holds both ``h_t`` and ``c_t``.
-      gates: ``cell.gates`` of every step, leaves ``(*batch, T, H)`` in the same layout;
-        ``None`` unless ``return_gates=True``.
+        axis at ``time_axis`` (batch-major default: ``(*batch, T, ...)``). For the LSTM this
+        holds both ``h_t`` and ``c_t``. Held (masked) steps repeat the held carry.
+      gates: ``cell.gates`` of every step in the same layout (zero at masked steps), or
+        ``None`` unless ``gates=True``.
     """
 
+    carry: Any
+    ys: Any
     carries: Any
     gates: Any
 
@@ -172,47 +188,52 @@ def _select(flag, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(_bcast(flag, x), x, y), a, b)
 
 
-def _dropout_mask(key, rate, shape, dtype):
-    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
-    return keep.astype(dtype) / (1.0 - rate)
+# --------------------------------------------------------------------------- options of 0.1
+
+_RENAMED = {
+    "return_carries": "seqjax.trajectory(cell, params, xs, ...).carries",
+    "return_gates": "seqjax.trajectory(cell, params, xs, gates=True).gates",
+    "input_dropout": "unroll(seqjax.cells.dropout(cell, input_rate=rate, key=key), params, xs)",
+    "recurrent_dropout": "unroll(seqjax.cells.dropout(cell, recurrent_rate=rate, key=key), params, xs)",
+    "key": "the key of seqjax.cells.dropout(cell, ..., key=key)",
+    "unroll": "solver=seqjax.solvers.Sequential(unroll=k)",
+    "bptt": 'gradient=seqjax.gradients.Auto() ("auto"), Fused() ("fused") or Autodiff() ("autodiff")',
+    "truncate": "gradient=seqjax.gradients.Truncate(every=k)",
+    "remat": "gradient=seqjax.gradients.Remat(every=k) (every=1: checkpoint each step)",
+}
 
 
-def _recurrent_leaves(carry):
-    """The carry leaves recurrent dropout acts on: ``h`` of a carry with an ``h`` field,
-    otherwise every floating leaf."""
-    if hasattr(carry, "h") and hasattr(carry, "_replace"):
-        return "h"
-    return None
+UNROLL_OPTIONS = ("carry", "lengths", "mask", "resets", "reverse", "time_axis", "gradient", "solver")
+"""The keyword options of ``unroll`` (and ``trajectory``, which adds ``gates``): layers and NNX
+modules forward these without declaring them again."""
 
 
-def _check_rate(rate, name):
-    if not (0.0 <= float(rate) < 1.0):
-        raise ValueError(f"{name} must lie in [0, 1), got {rate}.")
+def check_options(fn: str, options: dict, allowed: tuple[str, ...] = UNROLL_OPTIONS) -> dict:
+    """``options`` if every key is an option of ``unroll`` in ``allowed``; else ``TypeError``
+    naming the 0.2 spelling of a 0.1 keyword, or the options that exist."""
+    for name in options:
+        if name not in allowed:
+            if name in _RENAMED:
+                refuse_renamed(fn, {name: None})
+            raise TypeError(
+                f"{fn}() got an unexpected option {name!r}; the options are {', '.join(allowed)}."
+            )
+    return options
+
+
+def refuse_renamed(fn: str, old: dict) -> None:
+    """Raise ``TypeError`` for keywords of 0.1's ``unroll`` (naming their 0.2 spelling) or
+    unknown keywords."""
+    for name in old:
+        if name in _RENAMED:
+            raise TypeError(f"{fn}() no longer takes {name}= (seqjax 0.2): use {_RENAMED[name]}.")
+        raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}.")
 
 
 # --------------------------------------------------------------------------- the time scan
 
 
-_BPTT_MODES = ("auto", "fused", "autodiff")
-
-
-def _check_bptt_options(bptt, truncate, remat, T):
-    if bptt not in _BPTT_MODES:
-        raise ValueError(f"bptt must be one of {_BPTT_MODES}, got {bptt!r}.")
-    if truncate is not None and (
-        not isinstance(truncate, (int, np.integer)) or isinstance(truncate, bool) or truncate < 1
-    ):
-        raise ValueError(f"truncate must be None or a positive integer (steps), got {truncate!r}.")
-    if remat in (False, None, True, "step"):
-        return
-    if not isinstance(remat, (int, np.integer)) or isinstance(remat, bool) or remat < 1:
-        raise ValueError(
-            f"remat must be False, True / 'step' (checkpoint every step) or a positive integer k "
-            f"(checkpoint segments of k steps), got {remat!r}."
-        )
-
-
-def _kernel_refusals(cell, requested, return_gates, recurrent_dropout, remat, T) -> list[str]:
+def _kernel_refusals(cell, requested, gates, solver, T) -> list[str]:
     """Why ``cell.kernel`` cannot run this request (empty: it can). Declared capabilities only."""
     if cell.kernel is None:
         return ["the cell has no kernel capability (cell.kernel is None)"]
@@ -221,12 +242,10 @@ def _kernel_refusals(cell, requested, return_gates, recurrent_dropout, remat, T)
         for name, on in requested.items()
         if on and name not in cell.kernel.accepts
     ]
-    if return_gates:
-        why.append("return_gates=True")
-    if recurrent_dropout:
-        why.append("recurrent_dropout (it changes the step)")
-    if remat not in (False, None):
-        why.append("remat")
+    if gates:
+        why.append("gates were asked for (trajectory(..., gates=True))")
+    if not solver.runs_kernels:
+        why.append(f"the solver {solver!r} does not run kernels")
     if T == 0:
         why.append("T = 0")
     return why
@@ -242,7 +261,129 @@ def _keep_flags(T, truncate, reverse, dtype):
     return jnp.asarray(keep, dtype)
 
 
-# --------------------------------------------------------------------------- unroll
+def _run(
+    cell, params, xs, *, carry, lengths, mask, resets, reverse, time_axis, gradient, solver, carries, gates
+) -> Trajectory:
+    """The engine of ``unroll`` and ``trajectory``."""
+    if not isinstance(cell, Cell):
+        raise TypeError(f"cell must be a seqjax.Cell, got {type(cell).__name__}.")
+    plan = _gradients.resolve(gradient)
+    solver = _solvers.resolve(solver)
+    xs = jnp.asarray(xs)
+    ta = time_axis_of(time_axis, xs.ndim, name=f"xs of shape {tuple(xs.shape)}")
+    T = xs.shape[ta]
+    xs_tm = jnp.moveaxis(xs, ta, 0)  # (T, *batch, I)
+    batch_shape = batch_shape_of_xs(xs.shape, ta)
+    check_params(cell, params, xs.shape[-1])
+    if carry is not None:
+        check_carry(cell, params, carry, batch_shape)
+    # The dtype rule: params, floating inputs and carry meet in their promoted dtype.
+    params, xs_tm, carry, _ = promote(params, xs_tm, carry)
+    carry0 = cell.initial_carry(params, batch_shape) if carry is None else carry
+
+    flags = None
+    if lengths is not None:
+        lengths = _check_lengths(lengths, batch_shape, T)
+        flags = jnp.arange(T).reshape((T,) + (1,) * len(batch_shape)) < lengths[None]
+    if mask is not None:
+        m = jnp.moveaxis(_check_flags(mask, "mask", xs.shape[:-1]), ta, 0)
+        flags = m if flags is None else flags & m
+    rs = None
+    if resets is not None:
+        rs = jnp.moveaxis(_check_flags(resets, "resets", xs.shape[:-1]), ta, 0)
+    if gates and cell.gates is None:
+        raise ValueError(
+            "trajectory(..., gates=True) needs a cell with a gates capability; this cell has none."
+        )
+
+    c_leaves = jax.tree_util.tree_leaves(carry0)
+    f_dtype = jnp.result_type(*c_leaves) if c_leaves else xs.dtype
+    keep = None if plan.truncate is None or T == 0 else _keep_flags(T, plan.truncate, reverse, f_dtype)
+
+    def back(a):
+        return jnp.moveaxis(a, 0, ta)
+
+    if plan.kernel != "never":
+        requested = {
+            "mask": flags is not None,
+            "resets": rs is not None,
+            "truncate": keep is not None,
+            "reverse": bool(reverse),
+            "trajectory": bool(carries),
+        }
+        why = _kernel_refusals(cell, requested, gates, solver, T)
+        if not why:
+            final, ys, cs = cell.kernel.run(
+                params,
+                carry0,
+                xs_tm,
+                mask=flags,
+                resets=rs,
+                keep=keep,
+                reverse=bool(reverse),
+                unroll=solver.unroll,
+                trajectory=bool(carries),
+            )
+            cs = jax.tree_util.tree_map(back, cs) if carries else None
+            return Trajectory(final, back(ys), cs, None)
+        if plan.kernel == "require":
+            raise ValueError(
+                f"gradient={plan.name} cannot run here: {'; '.join(why)}. Use Auto() or Autodiff()."
+            )
+
+    def body(c, inp):
+        x, m, r, k = inp
+        if k is not None:  # truncated BPTT: cut the gradient through the carry here
+            c = jax.tree_util.tree_map(lambda a: jnp.where(k > 0, a, jax.lax.stop_gradient(a)), c)
+        if r is not None:
+            c = _select(r, carry0, c)
+        c_new, y = cell.step(params, c, x)
+        g = cell.gates(params, c, x) if gates else None
+        if m is not None:
+            c_new = _select(m, c_new, c)
+            y = jnp.where(_bcast(m, y), y, jnp.zeros_like(y))
+            if g is not None:
+                g = jax.tree_util.tree_map(lambda a: jnp.where(_bcast(m, a), a, jnp.zeros_like(a)), g)
+        return c_new, (y, c_new if carries else None, g)
+
+    inputs = (xs_tm, flags, rs, keep)
+    if plan.remat is None:
+        final, (ys, cs, gs) = solver.scan(body, carry0, inputs, reverse=reverse)
+    elif plan.remat == "step":
+        final, (ys, cs, gs) = solver.scan(jax.checkpoint(body), carry0, inputs, reverse=reverse)
+    else:  # segments of k steps, each a checkpointed inner scan
+        k = int(plan.remat)
+        n = -(-T // k)
+        pad = n * k - T
+        if pad:  # padded steps come last in time order and leave the carry unchanged
+            valid = jnp.arange(n * k).reshape((n * k,) + (1,) * len(batch_shape)) < T
+            valid = jnp.broadcast_to(valid, (n * k,) + batch_shape)
+
+            def pad_t(a, fill=0):
+                if a is None:
+                    return None
+                return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+
+            flags_p = valid if flags is None else valid & pad_t(flags, False)
+            inputs = (pad_t(xs_tm), flags_p, pad_t(rs, False), pad_t(keep, 1))
+        inputs = jax.tree_util.tree_map(lambda a: a.reshape((n, k) + a.shape[1:]), inputs)
+
+        @jax.checkpoint
+        def segment(c, seg):
+            return solver.scan(body, c, seg, reverse=reverse)
+
+        final, outs = time_scan(segment, carry0, inputs, reverse=reverse)
+        ys, cs, gs = jax.tree_util.tree_map(lambda a: a.reshape((n * k,) + a.shape[2:])[:T], outs)
+
+    return Trajectory(
+        final,
+        jax.tree_util.tree_map(back, ys),  # a step may return a pytree of outputs
+        jax.tree_util.tree_map(back, cs) if carries else None,
+        jax.tree_util.tree_map(back, gs) if gates else None,
+    )
+
+
+# --------------------------------------------------------------------------- unroll, trajectory
 
 
 def unroll(
@@ -256,17 +397,11 @@ def unroll(
     resets: jax.Array | None = None,
     reverse: bool = False,
     time_axis: int = -2,
-    return_carries: bool = False,
-    return_gates: bool = False,
-    input_dropout: float = 0.0,
-    recurrent_dropout: float = 0.0,
-    key: jax.Array | None = None,
-    unroll: int | bool = 1,
-    bptt: str = "auto",
-    truncate: int | None = None,
-    remat: bool | int | str = False,
-):
-    r"""Run ``cell`` over a sequence with ``jax.lax.scan``.
+    gradient: _gradients.GradientStrategy | None = None,
+    solver: _solvers.Solver | None = None,
+    **renamed,
+) -> tuple[Any, jax.Array]:
+    r"""Run ``cell`` over a sequence: ``(final_carry, ys)``.
 
     ``carry_t, y_t = cell.step(params, carry_{t-1}, x_t)`` for ``t = 1..T`` (or ``T..1``
     with ``reverse=True``), starting from ``carry`` (default ``cell.initial_carry``: zeros).
@@ -289,12 +424,6 @@ def unroll(
     ``carry`` given, or the cell's initial carry) *before* step ``t``: ``x_t`` starts a new
     episode.
 
-    Recurrent (variational) dropout (Gal & Ghahramani 2016): one Bernoulli mask per
-    sequence, shared by every step, on the inputs (``input_dropout``) and on the recurrent
-    state fed back into the step (``recurrent_dropout``; the ``h`` field of a carry that has
-    one, such as ``LSTMState``, else every carry leaf). Kept units are scaled by
-    ``1/(1 - rate)``. Needs ``key``.
-
     Args:
       cell: a ``Cell``.
       params: the cell's params; checked against ``cell.init`` (tree and shapes).
@@ -305,207 +434,76 @@ def unroll(
       resets: boolean ``(*batch, T)``.
       reverse: scan from the last step to the first; outputs stay in input order.
       time_axis: the time axis of ``xs`` (default ``-2``; ``0`` for time-major).
-      return_carries: also return every step's carry (the state trajectory).
-      return_gates: also return every step's gate activations (needs ``cell.gates``).
-      input_dropout, recurrent_dropout: dropout rates in ``[0, 1)``.
-      key: PRNG key for dropout.
-      unroll: passed to ``lax.scan``.
-      bptt: how gradients are computed. ``"auto"`` (default): the cell's fused BPTT kernel
-        (its ``kernel`` capability, e.g. the ``jax.custom_vjp`` that ``rnn``, ``lstm``,
-        ``gru``, ``janet`` and stacks or wrappers of them carry) whenever the kernel accepts
-        every option asked for (``Kernel.accepts``) and neither ``return_gates``,
-        ``recurrent_dropout`` nor ``remat`` is set; else autodiff of the plain scan.
-        ``"fused"``: the kernel or a ``ValueError`` saying why not. ``"autodiff"``: always
-        ``jax.grad`` through the plain scan (needed for forward-mode
-        ``jax.jvp``/``jax.jacfwd``/``jax.hessian``, which a ``custom_vjp`` does not support;
-        ``jax.grad`` of ``jax.grad`` works on both paths).
-      truncate: truncated BPTT: the gradient through the carry is stopped every ``truncate``
-        steps (``stop_gradient`` on the carry entering scan positions ``k, 2k, ...``; the
-        initial carry still gets the gradient of the first ``k`` steps). Forward values are
-        unchanged.
-      remat: rematerialisation for long sequences (autodiff path). ``True`` or ``"step"``:
-        checkpoint the step body (residuals per step: the carry only). An integer ``k``:
-        checkpoint segments of ``k`` steps (an outer scan over ``ceil(T/k)`` segments whose
-        body is a checkpointed inner scan; memory ``O(T/k + k)`` carries, about one extra
-        forward pass of compute; ``k ~ sqrt(T)`` minimises memory).
+      gradient: how gradients are computed, a ``seqjax.gradients`` strategy: ``Auto()``
+        (default: the cell's fused BPTT kernel when it accepts the call's options, else
+        autodiff), ``Fused()``, ``Autodiff()``, ``Remat(every=k)`` or
+        ``Truncate(every=k, base=...)``. Forward values never depend on it.
+      solver: how the time axis is solved, a ``seqjax.solvers`` solver; default
+        ``Sequential()`` (``lax.scan``; ``Sequential(unroll=k)`` for ``lax.scan``'s unroll).
 
     Dtypes: params, floating inputs and the carry are cast to their promoted dtype
     (``jnp.result_type``) before the scan; integer inputs are left alone; gradients come back
     in each argument's own dtype (``docs/design/cells.md``, the dtype rule).
 
     Returns:
-      ``(final_carry, ys)``, or ``(final_carry, ys, UnrollAux(carries, gates))`` when
-      ``return_carries`` or ``return_gates`` is set.
+      ``(final_carry, ys)``. For every step's carry or gates use ``trajectory``.
 
     Raises:
       ValueError: at trace time, for params that do not fit the cell or ``xs``, a carry of
         the wrong tree/shape/dtype, ``lengths``/``mask``/``resets`` of the wrong shape or
-        (when concrete) lengths outside ``[0, T]``, a bad ``time_axis``, or dropout without
-        a key.
+        (when concrete) lengths outside ``[0, T]``, a bad ``time_axis``, or a ``Fused()``
+        gradient the cell's kernel cannot serve (the message says why).
+      TypeError: for a keyword of 0.1 (``bptt=``, ``return_carries=``, ...), naming its 0.2
+        spelling.
     """
-    if not isinstance(cell, Cell):
-        raise TypeError(f"cell must be a seqjax.Cell, got {type(cell).__name__}.")
-    xs = jnp.asarray(xs)
-    if xs.ndim < 2:
-        raise ValueError(
-            f"xs has shape {tuple(xs.shape)} but needs at least 2 dims: (*batch, T, features) "
-            "with time_axis=-2, or (T, *batch, features) with time_axis=0."
-        )
-    ta = time_axis + xs.ndim if time_axis < 0 else time_axis
-    if not 0 <= ta < xs.ndim - 1:
-        raise ValueError(
-            f"time_axis={time_axis} is not a valid time axis for xs of shape {tuple(xs.shape)} "
-            "(the last axis holds the features)."
-        )
-    T = xs.shape[ta]
-    xs_tm = jnp.moveaxis(xs, ta, 0)  # (T, *batch, I)
-    batch_shape = tuple(xs_tm.shape[1:-1])
-    input_size = xs.shape[-1]
-    check_params(cell, params, input_size)
-    if carry is not None:
-        check_carry(cell, params, carry, batch_shape)
-    # The dtype rule: params, floating inputs and carry meet in their promoted dtype.
-    params, xs_tm, carry, _ = promote(params, xs_tm, carry)
-    carry0 = cell.initial_carry(params, batch_shape) if carry is None else carry
+    if renamed:
+        refuse_renamed("unroll", renamed)
+    options = locals()
+    out = _run(cell, params, xs, carries=False, gates=False, **{k: options[k] for k in UNROLL_OPTIONS})
+    return out.carry, out.ys
 
-    flags = None
-    if lengths is not None:
-        lengths = _check_lengths(lengths, batch_shape, T)
-        flags = jnp.arange(T).reshape((T,) + (1,) * len(batch_shape)) < lengths[None]
-    if mask is not None:
-        m = jnp.moveaxis(_check_flags(mask, "mask", xs.shape[:-1]), ta, 0)
-        flags = m if flags is None else flags & m
-    rs = None
-    if resets is not None:
-        rs = jnp.moveaxis(_check_flags(resets, "resets", xs.shape[:-1]), ta, 0)
-    if return_gates and cell.gates is None:
-        raise ValueError("return_gates=True needs a cell with a gates function; this cell has none.")
 
-    _check_rate(input_dropout, "input_dropout")
-    _check_rate(recurrent_dropout, "recurrent_dropout")
-    x_mask = None
-    h_mask = None
-    if input_dropout or recurrent_dropout:
-        if key is None:
-            raise ValueError("dropout needs a PRNG key: pass key=jax.random.key(...).")
-        k_x, k_h = jax.random.split(key)
-        if input_dropout:
-            x_mask = _dropout_mask(k_x, input_dropout, batch_shape + (input_size,), xs_tm.dtype)
-        if recurrent_dropout:
-            field = _recurrent_leaves(carry0)
-            target = getattr(carry0, field) if field else carry0
-            leaves, treedef = jax.tree_util.tree_flatten(target)
-            ks = jax.random.split(k_h, max(len(leaves), 1))
-            h_mask = (
-                field,
-                jax.tree_util.tree_unflatten(
-                    treedef,
-                    [
-                        _dropout_mask(k, recurrent_dropout, leaf.shape, leaf.dtype)
-                        for k, leaf in zip(ks, leaves)
-                    ],
-                ),
-            )
+def trajectory(
+    cell: Cell,
+    params: Any,
+    xs: jax.Array,
+    *,
+    carry: Any = None,
+    lengths: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    resets: jax.Array | None = None,
+    reverse: bool = False,
+    time_axis: int = -2,
+    gates: bool = False,
+    gradient: _gradients.GradientStrategy | None = None,
+    solver: _solvers.Solver | None = None,
+    **renamed,
+) -> Trajectory:
+    r"""Run ``cell`` over a sequence and keep every step: ``Trajectory(carry, ys, carries, gates)``.
 
-    def drop_carry(c):
-        if h_mask is None:
-            return c
-        field, m = h_mask
-        if field:
-            return c._replace(**{field: jax.tree_util.tree_map(jnp.multiply, getattr(c, field), m)})
-        return jax.tree_util.tree_map(jnp.multiply, c, m)
+    The same run as ``unroll`` with the same arguments (``carry`` and ``ys`` are equal), plus
+    ``carries``: the carry ``s_t`` after every step ``t = 1..T``, leaves with a time axis at
+    ``time_axis`` (``(*batch, T, ...)`` by default), and with ``gates=True`` the cell's gate
+    activations of every step (``cell.gates(params, s_{t-1}, x_t)``, zero at masked steps).
+    Trajectories are what the spectrum tools linearise around and what fixed-point searches
+    start from.
 
-    _check_bptt_options(bptt, truncate, remat, T)
-    c_leaves = jax.tree_util.tree_leaves(carry0)
-    f_dtype = jnp.result_type(*c_leaves) if c_leaves else xs.dtype
-    keep = None if truncate is None or T == 0 else _keep_flags(T, truncate, reverse, f_dtype)
+    Args:
+      cell, params, xs, carry, lengths, mask, resets, reverse, time_axis, gradient, solver:
+        as in ``unroll``. The fused kernel serves trajectories of carries; gates are computed
+        on the plain scan (so ``gates=True`` with ``gradient=Fused()`` is refused).
+      gates: also return the gates (needs the cell's ``gates`` capability).
 
-    def back(a):
-        return jnp.moveaxis(a, 0, ta)
+    Returns:
+      ``Trajectory(carry, ys, carries, gates)``; ``gates`` is ``None`` unless ``gates=True``.
 
-    if bptt != "autodiff":
-        requested = {
-            "mask": flags is not None,
-            "resets": rs is not None,
-            "truncate": keep is not None,
-            "reverse": bool(reverse),
-            "trajectory": bool(return_carries),
-        }
-        why = _kernel_refusals(cell, requested, return_gates, recurrent_dropout, remat, T)
-        if not why:
-            x_in = xs_tm if x_mask is None else xs_tm * x_mask[None]
-            final, ys, carries = cell.kernel.run(
-                params,
-                carry0,
-                x_in,
-                mask=flags,
-                resets=rs,
-                keep=keep,
-                reverse=bool(reverse),
-                unroll=unroll,
-                trajectory=bool(return_carries),
-            )
-            ys = back(ys)
-            if not return_carries:
-                return final, ys
-            return final, ys, UnrollAux(jax.tree_util.tree_map(back, carries), None)
-        if bptt == "fused":
-            raise ValueError(f"bptt='fused' is not available here: {'; '.join(why)}. Use bptt='auto'.")
+    Example::
 
-    def body(c, inp):
-        x, m, r, k = inp
-        if k is not None:  # truncated BPTT: cut the gradient through the carry here
-            c = jax.tree_util.tree_map(lambda a: jnp.where(k > 0, a, jax.lax.stop_gradient(a)), c)
-        if r is not None:
-            c = _select(r, carry0, c)
-        c_in = drop_carry(c)
-        x_in = x if x_mask is None else x * x_mask
-        c_new, y = cell.step(params, c_in, x_in)
-        g = cell.gates(params, c_in, x_in) if return_gates else None
-        if m is not None:
-            c_new = _select(m, c_new, c)
-            y = jnp.where(_bcast(m, y), y, jnp.zeros_like(y))
-            if g is not None:
-                g = jax.tree_util.tree_map(lambda a: jnp.where(_bcast(m, a), a, jnp.zeros_like(a)), g)
-        out = (y, c_new if return_carries else None, g)
-        return c_new, out
-
-    inputs = (xs_tm, flags, rs, keep)
-    if remat in (False, None):
-        final, (ys, carries, gates) = time_scan(body, carry0, inputs, reverse=reverse, unroll=unroll)
-    elif remat is True or remat == "step":
-        final, (ys, carries, gates) = time_scan(
-            jax.checkpoint(body), carry0, inputs, reverse=reverse, unroll=unroll
-        )
-    else:  # segments of k steps, each a checkpointed inner scan
-        k = int(remat)
-        n = -(-T // k)
-        pad = n * k - T
-        if pad:  # padded steps come last in time order and leave the carry unchanged
-            valid = jnp.arange(n * k).reshape((n * k,) + (1,) * len(batch_shape)) < T
-            valid = jnp.broadcast_to(valid, (n * k,) + batch_shape)
-
-            def pad_t(a, fill=0):
-                if a is None:
-                    return None
-                return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
-
-            flags_p = valid if flags is None else valid & pad_t(flags, False)
-            inputs = (pad_t(xs_tm), flags_p, pad_t(rs, False), pad_t(keep, 1))
-        inputs = jax.tree_util.tree_map(lambda a: a.reshape((n, k) + a.shape[1:]), inputs)
-
-        @jax.checkpoint
-        def segment(c, seg):
-            return time_scan(body, c, seg, reverse=reverse, unroll=unroll)
-
-        final, outs = time_scan(segment, carry0, inputs, reverse=reverse)
-        ys, carries, gates = jax.tree_util.tree_map(lambda a: a.reshape((n * k,) + a.shape[2:])[:T], outs)
-
-    ys = jax.tree_util.tree_map(back, ys)
-    if not (return_carries or return_gates):
-        return final, ys
-    aux = UnrollAux(
-        jax.tree_util.tree_map(back, carries) if return_carries else None,
-        jax.tree_util.tree_map(back, gates) if return_gates else None,
-    )
-    return final, ys, aux
+      tr = seqjax.trajectory(seqjax.lstm(32), params, xs, gates=True)
+      tr.carries.c.shape   # (B, T, 32): the cell state at every step
+      tr.gates["f"]        # (B, T, 32): the forget gate at every step
+    """
+    if renamed:
+        refuse_renamed("trajectory", renamed)
+    options = locals()
+    return _run(cell, params, xs, carries=True, gates=bool(gates), **{k: options[k] for k in UNROLL_OPTIONS})

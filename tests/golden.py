@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import seqjax as sj
+from seqjax.gradients import Autodiff, Truncate
 
 B, T, I, H = 2, 6, 3, 4
 
@@ -61,8 +62,8 @@ _OPTIONS = {
     "plain": {},
     "lengths_reverse": {"lengths": np.array([T, 3]), "reverse": True},
     "resets": {"resets": np.array([[0, 0, 1, 0, 0, 1], [0, 1, 0, 0, 0, 0]], bool)},
-    "truncate": {"truncate": 2},
-    "autodiff": {"bptt": "autodiff"},
+    "truncate": {"gradient": Truncate(2)},
+    "autodiff": {"gradient": Autodiff()},
 }
 _OPTION_CELLS = ("rnn_tanh", "lstm", "gru", "stack_lstm_gru", "learnable_lstm", "mgu")
 

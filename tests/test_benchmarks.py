@@ -106,23 +106,20 @@ def test_report_writers(tmp_path):
 def test_state_gradient_norms_linear_rnn_closed_form():
     # Identity activation, loss L = <h_T, v> through a zero-bias readout on the last step:
     # dL/dh_t = v (W_h^T)^(T-t) in the row-vector convention (h_t = x_t W_x + h_{t-1} W_h + b).
-    pytest.importorskip("seqjax.tasks")
-    from seqjax.tasks import sequence_model
-
     H, I, T = 5, 2, 6
-    model = sequence_model(sj.rnn(H, activation="identity"), I, 1)
-    params = model.init(jax.random.key(0))
-    params["cell"]["w_h"] = 0.9 * params["cell"]["w_h"] / jnp.linalg.norm(params["cell"]["w_h"], 2)
+    cell = sj.rnn(H, activation="identity")
+    params = btasks.task_model(cell, 1).init(jax.random.key(0), I)
+    assert not np.any(params["head"]["b"])  # the readout starts with a zero bias
+    params["body"]["w_h"] = 0.9 * params["body"]["w_h"] / jnp.linalg.norm(params["body"]["w_h"], 2)
     xs = jax.random.normal(jax.random.key(1), (1, T, I))
-    v = np.asarray(params["w_out"][:, 0], np.float64)
-    got = btasks.state_gradient_norms(model, params, xs, lambda outs: jnp.sum(outs[:, -1, 0]))
-    W = np.asarray(params["cell"]["w_h"], np.float64)
+    v = np.asarray(params["head"]["w"][:, 0], np.float64)
+    got = btasks.state_gradient_norms(cell, params, xs, lambda outs: jnp.sum(outs[:, -1, 0]))
+    W = np.asarray(params["body"]["w_h"], np.float64)
     want = [np.linalg.norm(v @ np.linalg.matrix_power(W.T, T - 1 - t)) for t in range(T)]
     np.testing.assert_allclose(got, want, rtol=1e-5)  # float32 vs float64 reference
 
 
 def test_hidden_for_budget_matches_hand_count():
-    pytest.importorskip("seqjax.tasks")
     I, O = 2, 1
     lstm_count = lambda H: 4 * H * (I + H + 1) + H * O + O  # noqa: E731
     rnn_count = lambda H: H * (I + H + 1) + H * O + O  # noqa: E731
@@ -370,8 +367,8 @@ def test_suite_end_to_end_tiny(tmp_path):
         assert r["memory"] is None or r["memory"]["peak_bytes"] > 0
     names = {r["impl"] for r in mem["rows"]}
     assert "seqjax (default)" in names and "textbook lax.scan" in names
-    if "remat" in peers.unroll_options():
-        assert {"seqjax remat=step", "seqjax remat=⌈√T⌉"} <= names
+    if "gradient" in peers.unroll_options():
+        assert {"seqjax Autodiff()", "seqjax Remat(1)", "seqjax Remat(⌈√T⌉)"} <= names
 
     spec = _strict_load(out / "spectrum.json")
     tables = {r["table"] for r in spec["rows"]}
@@ -401,3 +398,61 @@ def test_suite_end_to_end_tiny(tmp_path):
         real = {r["task"].split()[0] for r in tk["real_rows"]}
         assert {"digits", "sunspots", "char-LM"} <= real
         assert set(tk["budgets"]) == {"adding", "copy", "digits"}
+
+
+# ---------------------------------------------------------------- task models (benchmarks/tasks.py)
+
+
+def test_task_model_readout_scale_and_cells_by_name():
+    # the readout is N(0, 0.1^2 / H): over 64 x 50 weights the sample std is within 10% of 0.1/8
+    model = btasks.task_model(sj.rnn(64), 50)
+    p = model.init(jax.random.key(0), 3)
+    assert float(np.std(np.asarray(p["head"]["w"]))) == pytest.approx(btasks.READOUT_SCALE / 8, rel=0.1)
+    assert model.apply(p, jnp.zeros((2, 7, 3))).shape == (2, 7, 50)
+    for kind in btasks.CELLS:
+        assert btasks.make_cell(kind, 4).meta.hidden_size == 4
+    with pytest.raises(ValueError, match="kind"):
+        btasks.make_cell("mgu", 4)
+
+
+def test_compare_sunspot_models_tiny():
+    pytest.importorskip("statsmodels")
+    from seqjax.tasks import sunspots
+
+    r = btasks.compare_sunspot_models(
+        key=jax.random.key(0), models=("ar", "tdnn"), steps=4, hidden=4, lags=4, window=20
+    )
+    assert set(r) == {"persistence", "ar", "tdnn"}
+    for v in r.values():
+        assert set(v) == {"test_mse", "test_nmse", "train_mse", "seconds"}
+        assert all(np.isfinite(list(v.values())))
+    # AR(4) beats persistence one step ahead on held-out sunspot years (a property of the data)
+    assert r["ar"]["test_mse"] < r["persistence"]["test_mse"]
+    # persistence recomputed by hand
+    d = sunspots()
+    x = d.values.astype(np.float64)
+    want = np.mean((x[d.n_train - 1 : d.n_test_end - 1] - x[d.n_train : d.n_test_end]) ** 2)
+    assert r["persistence"]["test_mse"] == pytest.approx(want)
+
+
+def test_sample_text_uses_vocab_and_is_reproducible():
+    from seqjax.tasks import char_corpus
+
+    c = char_corpus(modules=("bisect",))
+    V = len(c.vocab)
+    cell = sj.lstm(8)
+    p = btasks.task_model(cell, V).init(jax.random.key(0), V)
+    a = btasks.sample_text(cell, p, c.vocab, "def ", 30, key=jax.random.key(1))
+    b = btasks.sample_text(cell, p, c.vocab, "def ", 30, key=jax.random.key(1))
+    assert a == b and len(a) == 30 and set(a) <= set(c.vocab)
+    with pytest.raises(ValueError, match="vocabulary"):
+        btasks.sample_text(cell, p, c.vocab, "\x00", 3, key=jax.random.key(1))
+
+
+@pytest.mark.slow
+def test_train_char_lm_beats_unigram():
+    from seqjax.tasks import char_corpus
+
+    c = char_corpus(modules=("textwrap",))
+    _, s = btasks.train_char_lm(c, sj.lstm(64, forget_bias=1.0), key=jax.random.key(0), seq_len=32, steps=300)
+    assert s["valid_bpc"] < s["unigram_bpc"], s

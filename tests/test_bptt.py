@@ -1,6 +1,7 @@
-"""Tests of seqjax.bptt and the BPTT options of unroll (bptt=, truncate=, remat=).
+"""Tests of seqjax.bptt and the gradient strategies of unroll (``gradient=``: ``Auto()``,
+``Fused()``, ``Autodiff()``, ``Remat(k)``, ``Truncate(k, base=...)``).
 
-References: autodiff through the plain scan (``bptt="autodiff"``, itself tested against NumPy
+References: autodiff through the plain scan (``gradient=Autodiff()``, itself tested against NumPy
 loops in the core tests), float64 NumPy loops written from the BPTT equations (truncation,
 gradient norms of a linear RNN), explicit Python loops with ``stop_gradient`` (chunked TBPTT),
 and per-step ``jax.grad`` of the loss as a function of one step's state (LSTM gradient norms).
@@ -13,6 +14,8 @@ import pytest
 
 import seqjax as sj
 from seqjax.bptt import GradientNorms, chunk_stream, fused_supported, gradient_norms, tbptt
+from seqjax.gradients import Auto, Autodiff, Fused, Remat, Truncate
+from seqjax.solvers import Sequential
 
 B, T, I, H = 3, 7, 4, 5
 
@@ -38,11 +41,21 @@ def _setup(cell, dtype, *, batch=(B,), seed=0):
     return p, xs, c0, ks
 
 
-def _grads(cell, p, xs, c0, mode, w, **kw):
+def _strategy(base, truncate=None):
+    """``base``, or ``Truncate(truncate, base=base)`` (the option dicts below name truncation
+    as ``truncate``: the same cut points, computed by each base)."""
+    return base if truncate is None else Truncate(truncate, base=base)
+
+
+def _unroll(cell, p, xs, base, *, truncate=None, **kw):
+    return sj.unroll(cell, p, xs, gradient=_strategy(base, truncate), **kw)
+
+
+def _grads(cell, p, xs, c0, base, w, **kw):
     """Gradients wrt params, xs and the initial carry of a loss using ys and the final carry."""
 
     def loss(p, xs, c0):
-        c, ys = sj.unroll(cell, p, xs, carry=c0, bptt=mode, **kw)
+        c, ys = _unroll(cell, p, xs, base, carry=c0, **kw)
         return jnp.sum(ys * w) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree_util.tree_leaves(c))
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(p, xs, c0)
@@ -62,7 +75,7 @@ OPTIONS = {
     },
     "truncate": {"truncate": 3},
     "truncate_reverse": {"truncate": 2, "reverse": True},
-    "unroll2": {"unroll": 2},
+    "unroll2": {"solver": Sequential(unroll=2)},
 }
 
 
@@ -84,8 +97,8 @@ def test_fused_matches_autodiff_float64(name, opt, x64):
     assert fused_supported(cell)
     p, xs, c0, ks = _setup(cell, jnp.float64)
     w = jax.random.normal(ks[3], (B, T, H), jnp.float64)
-    va, ga = _grads(cell, p, xs, c0, "autodiff", w, **OPTIONS[opt])
-    vf, gf = _grads(cell, p, xs, c0, "fused", w, **OPTIONS[opt])
+    va, ga = _grads(cell, p, xs, c0, Autodiff(), w, **OPTIONS[opt])
+    vf, gf = _grads(cell, p, xs, c0, Fused(), w, **OPTIONS[opt])
     assert abs(float(va - vf)) < 1e-12 * max(1.0, abs(float(va)))
     assert _rel(gf, ga) < 1e-12
 
@@ -106,8 +119,8 @@ def test_fused_other_variants_float64(cell, x64):
     p, xs, c0, ks = _setup(cell, jnp.float64, seed=1)
     w = jax.random.normal(ks[3], (B, T, H), jnp.float64)
     kw = {"lengths": np.array([7, 4, 1])}
-    va, ga = _grads(cell, p, xs, c0, "autodiff", w, **kw)
-    vf, gf = _grads(cell, p, xs, c0, "fused", w, **kw)
+    va, ga = _grads(cell, p, xs, c0, Autodiff(), w, **kw)
+    vf, gf = _grads(cell, p, xs, c0, Fused(), w, **kw)
     assert _rel(gf, ga) < 1e-12
 
 
@@ -126,17 +139,17 @@ def test_fused_matches_autodiff_float32(name, opt):
     cell = {"rnn": sj.rnn(H), "lstm": sj.lstm(H), "gru": sj.gru(H)}[name]
     p, xs, c0, ks = _setup(cell, jnp.float32, seed=2)
     w = jax.random.normal(ks[3], (B, T, H))
-    (_, ga), (_, gf) = (_grads(cell, p, xs, c0, m, w, **OPTIONS[opt]) for m in ("autodiff", "fused"))
+    (_, ga), (_, gf) = (_grads(cell, p, xs, c0, m, w, **OPTIONS[opt]) for m in (Autodiff(), Fused()))
     assert _rel(gf, ga) < 1e-5
     # forward outputs of both paths agree
-    ca, ya = sj.unroll(cell, p, xs, carry=c0, bptt="autodiff", **OPTIONS[opt])
-    cf, yf = sj.unroll(cell, p, xs, carry=c0, bptt="fused", **OPTIONS[opt])
+    ca, ya = _unroll(cell, p, xs, Autodiff(), carry=c0, **OPTIONS[opt])
+    cf, yf = _unroll(cell, p, xs, Fused(), carry=c0, **OPTIONS[opt])
     assert _rel((cf, yf), (ca, ya)) < 1e-5
 
 
 @pytest.mark.slow
-def test_fused_return_carries_time_major_and_no_batch(x64):
-    """return_carries (gradient through the whole carry trajectory), time_axis=0, and inputs
+def test_fused_trajectory_time_major_and_no_batch(x64):
+    """trajectory (gradient through the whole carry trajectory), time_axis=0, and inputs
     with no batch axis or two batch axes, all against autodiff."""
     cell = sj.lstm(H)
     for batch, ta in [((), -2), ((2, 3), -2), ((2,), 0)]:
@@ -146,20 +159,21 @@ def test_fused_return_carries_time_major_and_no_batch(x64):
             xs = jnp.moveaxis(xs, -2, 0)
 
         def loss(p, xs, mode):
-            c, ys, aux = sj.unroll(cell, p, xs, bptt=mode, time_axis=ta, return_carries=True)
-            return jnp.sum(ys**2) + jnp.sum(jnp.cos(aux.carries.c)) + jnp.sum(aux.carries.h)
+            tr = sj.trajectory(cell, p, xs, gradient=mode, time_axis=ta)
+            return jnp.sum(tr.ys**2) + jnp.sum(jnp.cos(tr.carries.c)) + jnp.sum(tr.carries.h)
 
-        ga = jax.grad(loss, argnums=(0, 1))(p, xs, "autodiff")
-        gf = jax.grad(loss, argnums=(0, 1))(p, xs, "fused")
+        ga = jax.grad(loss, argnums=(0, 1))(p, xs, Autodiff())
+        gf = jax.grad(loss, argnums=(0, 1))(p, xs, Fused())
         assert _rel(gf, ga) < 1e-12
 
 
 def test_fused_input_dropout_matches_autodiff(x64):
-    cell = sj.gru(H)
+    """Input dropout keeps the kernel (it runs on the masked inputs): Fused() == Autodiff()."""
+    cell = sj.cells.dropout(sj.gru(H), input_rate=0.3, key=jax.random.key(5))
+    assert cell.kernel is not None
     p, xs, c0, ks = _setup(cell, jnp.float64)
     w = jax.random.normal(ks[3], (B, T, H), jnp.float64)
-    kw = {"input_dropout": 0.3, "key": jax.random.key(5)}
-    (_, ga), (_, gf) = (_grads(cell, p, xs, c0, m, w, **kw) for m in ("autodiff", "fused"))
+    (_, ga), (_, gf) = (_grads(cell, p, xs, c0, m, w) for m in (Autodiff(), Fused()))
     assert _rel(gf, ga) < 1e-12
 
 
@@ -181,18 +195,34 @@ def test_fused_under_jit_and_vmap():
 
 
 def test_dispatch_auto_fused_and_fallbacks():
-    """auto uses the custom VJP for built-in cells; user cells, return_gates, recurrent
-    dropout and remat fall back to autodiff; bptt='fused' says why it cannot run."""
+    """Auto() uses the custom VJP for built-in cells; user cells, gates, recurrent dropout,
+    Remat and options the kernel does not accept fall back to autodiff; Fused() says why it
+    cannot run."""
     cell = sj.gru(H)
     p, xs, _, _ = _setup(cell, jnp.float32)
 
-    def jaxpr(c, **kw):
-        return str(jax.make_jaxpr(lambda p, xs: sj.unroll(c, p, xs, **kw)[1])(p, xs))
+    def jaxpr(c, run=sj.unroll, **kw):
+        return str(jax.make_jaxpr(lambda p, xs: run(c, p, xs, **kw)[1])(p, xs))
 
     assert "custom_vjp_call" in jaxpr(cell)
-    assert "custom_vjp_call" not in jaxpr(cell, bptt="autodiff")
-    assert "custom_vjp_call" not in jaxpr(cell, return_gates=True)
-    assert "custom_vjp_call" not in jaxpr(cell, remat=True)
+    assert "custom_vjp_call" in jaxpr(cell, gradient=Auto())
+    assert "custom_vjp_call" in jaxpr(cell, gradient=Truncate(2))
+    assert "custom_vjp_call" in jaxpr(cell, run=sj.trajectory)  # trajectories of carries: kernel
+    assert "custom_vjp_call" not in jaxpr(cell, gradient=Autodiff())
+    assert "custom_vjp_call" not in jaxpr(cell, run=sj.trajectory, gates=True)
+    assert "custom_vjp_call" not in jaxpr(cell, gradient=Remat())
+    assert "custom_vjp_call" not in jaxpr(cell, gradient=Truncate(2, base=Remat(3)))
+    rec = sj.cells.dropout(cell, recurrent_rate=0.3, key=jax.random.key(0))
+    assert rec.kernel is None and "custom_vjp_call" not in jaxpr(rec)
+    with pytest.raises(ValueError, match="no kernel capability"):
+        sj.unroll(rec, p, xs, gradient=Fused())
+    # a kernel that accepts no option: Auto() falls back when one is asked for, Fused() refuses
+    narrow = cell._replace(kernel=sj.cells.Kernel(cell.kernel.run, frozenset()))
+    mask = jnp.ones((B, T), bool)
+    assert "custom_vjp_call" in jaxpr(narrow)
+    assert "custom_vjp_call" not in jaxpr(narrow, mask=mask)
+    with pytest.raises(ValueError, match=r"gradient=Fused\(\) cannot run here: .*does not accept 'mask'"):
+        sj.unroll(narrow, p, xs, mask=mask, gradient=Fused())
     user = sj.Cell(cell.init, cell.initial_carry, cell.step)  # no meta: a user's cell
     assert not fused_supported(user)
     assert "custom_vjp_call" not in jaxpr(user)
@@ -200,16 +230,16 @@ def test_dispatch_auto_fused_and_fallbacks():
     # 0.2: a callable activation keeps the kernel (f' by a JVP at the saved pre-activation);
     # test_contract's check_cell compares its gradients with autodiff.
     assert fused_supported(sj.rnn(H, activation=jnp.sin))
-    with pytest.raises(ValueError, match="no kernel capability"):
-        sj.unroll(user, p, xs, bptt="fused")
-    with pytest.raises(ValueError, match="return_gates"):
-        sj.unroll(cell, p, xs, bptt="fused", return_gates=True)
-    with pytest.raises(ValueError, match="bptt must be one of"):
-        sj.unroll(cell, p, xs, bptt="fast")
-    with pytest.raises(ValueError, match="truncate"):
-        sj.unroll(cell, p, xs, truncate=0)
-    with pytest.raises(ValueError, match="remat"):
-        sj.unroll(cell, p, xs, remat=-3)
+    with pytest.raises(ValueError, match=r"gradient=Fused\(\) cannot run here: .*no kernel capability"):
+        sj.unroll(user, p, xs, gradient=Fused())
+    with pytest.raises(ValueError, match="gates were asked for"):
+        sj.trajectory(cell, p, xs, gradient=Fused(), gates=True)
+    with pytest.raises(TypeError, match="gradient must be a seqjax.gradients strategy"):
+        sj.unroll(cell, p, xs, gradient="fast")
+    with pytest.raises(ValueError, match=r"Truncate\(every=...\) must be a positive integer"):
+        Truncate(0)
+    with pytest.raises(ValueError, match=r"Remat\(every=...\) must be a positive integer"):
+        Remat(-3)
 
 
 def test_fused_stack(x64):
@@ -223,7 +253,7 @@ def test_fused_stack(x64):
     )
     w = jax.random.normal(jax.random.key(3), (B, T, 3), jnp.float64)
     kw = {"lengths": np.array([7, 2, 5]), "reverse": True, "truncate": 2}
-    (_, ga), (_, gf) = (_grads(cell, p, xs, c0, m, w, **kw) for m in ("autodiff", "fused"))
+    (_, ga), (_, gf) = (_grads(cell, p, xs, c0, m, w, **kw) for m in (Autodiff(), Fused()))
     assert _rel(gf, ga) < 1e-12
 
 
@@ -240,8 +270,8 @@ def test_fused_bidirectional(x64):
         return jnp.sum(jnp.tanh(bi.apply(pb, xs, lengths=lens)[1]))
 
     def loss_ref(pb, xs):
-        _, yf = sj.unroll(fwd_cell, pb["fwd"], xs, lengths=lens, bptt="autodiff")
-        _, yb = sj.unroll(bwd_cell, pb["bwd"], xs, lengths=lens, reverse=True, bptt="autodiff")
+        _, yf = sj.unroll(fwd_cell, pb["fwd"], xs, lengths=lens, gradient=Autodiff())
+        _, yb = sj.unroll(bwd_cell, pb["bwd"], xs, lengths=lens, reverse=True, gradient=Autodiff())
         return jnp.sum(jnp.tanh(jnp.concatenate([yf, yb], axis=-1)))
 
     assert _rel(jax.grad(loss_bi, (0, 1))(pb, xs), jax.grad(loss_ref, (0, 1))(pb, xs)) < 1e-12
@@ -256,9 +286,9 @@ def _linear_rnn(Hn=3, In=2, seed=0):
     return cell, p
 
 
-@pytest.mark.parametrize("bptt", ["auto", "autodiff"])
+@pytest.mark.parametrize("base", [Auto(), Autodiff()], ids=["auto", "autodiff"])
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
-def test_truncate_linear_rnn_hand_computation(bptt, k, x64):
+def test_truncate_linear_rnn_hand_computation(base, k, x64):
     """Linear RNN h_t = h_{t-1} W + x_t U + b, loss sum_t <w_t, h_t>. The truncated error
     term restarts at every chunk boundary: delta_t = w_t + [t+1 inside the chunk] delta_{t+1} W^T,
     and dL/dW = sum_t h_{t-1}^T delta_t (NumPy float64 loop from these equations)."""
@@ -268,7 +298,7 @@ def test_truncate_linear_rnn_hand_computation(bptt, k, x64):
     w = np.asarray(jax.random.normal(jax.random.key(2), (2, Tn, 3), jnp.float64))
 
     def loss(p):
-        return jnp.sum(sj.unroll(cell, p, xs, truncate=k, bptt=bptt)[1] * w)
+        return jnp.sum(sj.unroll(cell, p, xs, gradient=Truncate(k, base=base))[1] * w)
 
     g = jax.grad(loss)(p)
     W, U, b = (np.asarray(p[n]) for n in ("w_h", "w_x", "b"))
@@ -290,7 +320,9 @@ def test_truncate_linear_rnn_hand_computation(bptt, k, x64):
         g_full = jax.grad(lambda p: jnp.sum(sj.unroll(cell, p, xs)[1] * w))(p)
         assert not np.allclose(g_full["w_h"], dW)
     # forward values are unchanged by truncation
-    np.testing.assert_allclose(sj.unroll(cell, p, xs, truncate=k)[1], np.stack(hs[1:], 1), rtol=1e-12)
+    np.testing.assert_allclose(
+        sj.unroll(cell, p, xs, gradient=Truncate(k))[1], np.stack(hs[1:], 1), rtol=1e-12
+    )
 
 
 def test_chunk_stream_shapes_and_errors():
@@ -310,7 +342,7 @@ def test_chunk_stream_shapes_and_errors():
 @pytest.mark.parametrize("name", [pytest.param("lstm", marks=pytest.mark.slow), "rnn"])
 def test_tbptt_matches_python_loop(name, x64):
     """Summed chunk gradients == a Python loop over chunks with an explicit stop_gradient on the
-    carry (and == unroll(truncate=chunk) for a loss summed over steps)."""
+    carry (and == unroll(gradient=Truncate(chunk)) for a loss summed over steps)."""
     cell = sj.lstm(3) if name == "lstm" else sj.rnn(3)
     p = _cast(cell.init(jax.random.key(0), 2), jnp.float64)
     xs = jax.random.normal(jax.random.key(1), (2, 12, 2), jnp.float64)
@@ -327,7 +359,7 @@ def test_tbptt_matches_python_loop(name, x64):
         sl = slice(4 * n, 4 * n + 4)
 
         def chunk_loss(p, c):
-            c_new, ys = sj.unroll(cell, p, xs[:, sl], carry=jax.lax.stop_gradient(c), bptt="autodiff")
+            c_new, ys = sj.unroll(cell, p, xs[:, sl], carry=jax.lax.stop_gradient(c), gradient=Autodiff())
             return loss_fn(ys, tg[:, sl]), c_new
 
         (l_n, c), g_n = jax.value_and_grad(chunk_loss, has_aux=True)(p, c)
@@ -336,7 +368,7 @@ def test_tbptt_matches_python_loop(name, x64):
     np.testing.assert_allclose(losses, np.array(ref_losses), rtol=1e-12)
     assert _rel(grads, g_ref) < 1e-12
     assert _rel(final, c) < 1e-12
-    g_trunc = jax.grad(lambda p: loss_fn(sj.unroll(cell, p, xs, truncate=4)[1], tg))(p)
+    g_trunc = jax.grad(lambda p: loss_fn(sj.unroll(cell, p, xs, gradient=Truncate(4))[1], tg))(p)
     assert _rel(grads, g_trunc) < 1e-12
 
 
@@ -370,21 +402,21 @@ def test_tbptt_with_update_runs_sgd_per_chunk(x64):
 # --------------------------------------------------------------------------- remat
 
 
-@pytest.mark.parametrize("remat", [True, 3, pytest.param("step", marks=pytest.mark.slow), 7, 10])
+@pytest.mark.parametrize("remat", [Remat(), Remat(3), Remat(7), Remat(10)], ids=["step", "3", "7", "10"])
 def test_remat_gradients_identical(remat, x64):
     """Checkpointed gradients equal plain ones (k = 3 does not divide T = 7: padded segments)."""
     cell = sj.lstm(H)
     p, xs, c0, ks = _setup(cell, jnp.float64)
     w = jax.random.normal(ks[3], (B, T, H), jnp.float64)
     kw = {"lengths": np.array([7, 5, 2]), "reverse": True, "truncate": 3}
-    va, ga = _grads(cell, p, xs, c0, "autodiff", w, **kw)
-    vr, gr = _grads(cell, p, xs, c0, "auto", w, remat=remat, **kw)
+    va, ga = _grads(cell, p, xs, c0, Autodiff(), w, **kw)
+    vr, gr = _grads(cell, p, xs, c0, remat, w, **kw)
     assert abs(float(va - vr)) < 1e-12
     assert _rel(gr, ga) < 1e-12
-    # return_carries and time-major layout survive the segment reshapes
-    _, ys_a, aux_a = sj.unroll(cell, p, xs, return_carries=True, bptt="autodiff")
-    _, ys_r, aux_r = sj.unroll(cell, p, xs, return_carries=True, remat=remat)
-    assert _rel((ys_r, aux_r.carries), (ys_a, aux_a.carries)) < 1e-12
+    # trajectories and time-major layout survive the segment reshapes
+    tr_a = sj.trajectory(cell, p, xs, gradient=Autodiff())
+    tr_r = sj.trajectory(cell, p, xs, gradient=remat)
+    assert _rel((tr_r.ys, tr_r.carries), (tr_a.ys, tr_a.carries)) < 1e-12
 
 
 def _temp_bytes(cell, p, xs, **kw):
@@ -403,9 +435,9 @@ def test_remat_memory_falls_at_T_10000():
     cell = sj.lstm(16)
     p = cell.init(jax.random.key(0), 4)
     xs = jnp.ones((4, 10_000, 4))
-    plain = _temp_bytes(cell, p, xs, bptt="autodiff")
-    step = _temp_bytes(cell, p, xs, remat=True)
-    seg = _temp_bytes(cell, p, xs, remat=100)
+    plain = _temp_bytes(cell, p, xs, gradient=Autodiff())
+    step = _temp_bytes(cell, p, xs, gradient=Remat())
+    seg = _temp_bytes(cell, p, xs, gradient=Remat(100))
     unit = 10_000 * 4 * 16 * 4  # one (T, B, H) float32 array
     assert plain > 10 * unit
     assert plain / step > 3.0
@@ -458,15 +490,16 @@ def test_gradient_norms_lstm_against_per_step_grads(x64):
         return jnp.sum((ys - tg) ** 2)
 
     gn = gradient_norms(cell, p, xs, loss_fn)
-    _, ys, aux = sj.unroll(cell, p, xs, return_carries=True, bptt="autodiff")
+    tr = sj.trajectory(cell, p, xs, gradient=Autodiff())
+    ys = tr.ys
     for t in range(Tn):
 
         def loss_from(s, t=t):
-            _, ys_after = sj.unroll(cell, p, xs[:, t + 1 :], carry=s, bptt="autodiff")
+            _, ys_after = sj.unroll(cell, p, xs[:, t + 1 :], carry=s, gradient=Autodiff())
             all_ys = jnp.concatenate([ys[:, :t], s.h[:, None], ys_after], axis=1)
             return loss_fn(all_ys)
 
-        s_t = sj.LSTMState(aux.carries.h[:, t], aux.carries.c[:, t])
+        s_t = sj.LSTMState(tr.carries.h[:, t], tr.carries.c[:, t])
         d = jax.grad(loss_from)(s_t)
         np.testing.assert_allclose(gn.leaf_norms.h[:, t], np.linalg.norm(d.h, axis=-1), rtol=1e-10)
         np.testing.assert_allclose(gn.leaf_norms.c[:, t], np.linalg.norm(d.c, axis=-1), rtol=1e-10)
@@ -488,21 +521,21 @@ def test_gradient_norms_masked_steps_are_zero_and_jit():
 
 def test_fused_grad_of_grad_and_forward_mode(x64):
     """Reverse-over-reverse works through the custom VJP and matches autodiff; forward mode
-    is not available on the fused path (custom_vjp) but is on bptt='autodiff'."""
+    is not available on the fused path (custom_vjp) but is on gradient=Autodiff()."""
     cell = sj.gru(3)
     p = _cast(cell.init(jax.random.key(0), 2), jnp.float64)
     xs = jax.random.normal(jax.random.key(1), (2, 5, 2), jnp.float64)
 
     def loss(p, mode):
-        return jnp.sum(sj.unroll(cell, p, xs, bptt=mode)[1] ** 2)
+        return jnp.sum(sj.unroll(cell, p, xs, gradient=mode)[1] ** 2)
 
     def gnorm(p, mode):
         return sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(jax.grad(loss)(p, mode)))
 
-    assert _rel(jax.grad(gnorm)(p, "fused"), jax.grad(gnorm)(p, "autodiff")) < 1e-10
+    assert _rel(jax.grad(gnorm)(p, Fused()), jax.grad(gnorm)(p, Autodiff())) < 1e-10
     with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(lambda p: loss(p, "fused"), (p,), (p,))
-    jax.jvp(lambda p: loss(p, "autodiff"), (p,), (p,))
+        jax.jvp(lambda p: loss(p, Fused()), (p,), (p,))
+    jax.jvp(lambda p: loss(p, Autodiff()), (p,), (p,))
 
 
 def test_fused_learnable_carry(x64):
@@ -513,8 +546,8 @@ def test_fused_learnable_carry(x64):
     xs = jax.random.normal(jax.random.key(1), (2, 5, 2), jnp.float64)
 
     def loss(p, mode):
-        return jnp.sum(jnp.sin(sj.unroll(cell, p, xs, bptt=mode, lengths=jnp.array([5, 2]))[1]))
+        return jnp.sum(jnp.sin(sj.unroll(cell, p, xs, gradient=mode, lengths=jnp.array([5, 2]))[1]))
 
-    ga, gf = jax.grad(loss)(p, "autodiff"), jax.grad(loss)(p, "fused")
+    ga, gf = jax.grad(loss)(p, Autodiff()), jax.grad(loss)(p, Fused())
     assert float(jnp.max(jnp.abs(ga["carry0"]))) > 0
     assert _rel(gf, ga) < 1e-12

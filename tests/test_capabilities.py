@@ -33,6 +33,7 @@ from helpers import TraceCounter, random_like
 import seqjax as sj
 import seqjax.cells as sjc
 from seqjax.bptt import gradient_norms
+from seqjax.gradients import Autodiff, Fused, Truncate
 from seqjax.spectrum import flatten_state, lyapunov_spectrum, step_jacobians, unflatten_state
 
 lstm_module = importlib.import_module("seqjax.cells.lstm")  # seqjax.cells.lstm is the function
@@ -185,9 +186,9 @@ def test_gradient_norms_without_output_rule_refuses_direct(x64):
 def lyap_topk(params, xs, *, cell, k):
     """Top-``k`` Lyapunov exponents of ``cell`` along ``xs: (T, I)``, by Benettin QR on the
     ``jacobian`` capability; differentiable (sign-fixed ``R`` diagonal)."""
-    _, _, aux = sj.unroll(cell, params, xs, return_carries=True)
+    carries = sj.trajectory(cell, params, xs).carries
     c0 = cell.initial_carry(params, ())
-    states = flatten_state(aux.carries, batch_ndim=1)  # (T, S)
+    states = flatten_state(carries, batch_ndim=1)  # (T, S)
     prev = jnp.concatenate([flatten_state(c0)[None], states[:-1]], axis=0)
     J = jax.vmap(lambda s, x: cell.jacobian(params, unflatten_state(s, c0), x))(prev, xs)  # (T, S, S)
     S = J.shape[-1]
@@ -329,8 +330,7 @@ def test_quasi_deer_with_jacobian_diagonal_reaches_sequential_trajectory(make, x
     c0 = _carry(cell, params, (), 13)
     # The solver sees only the diagonal: the cell's jacobian is not there to be used.
     cell = cell._replace(jacobian=None)
-    _, _, aux = sj.unroll(cell, params, xs, carry=c0, return_carries=True)
-    ref = flatten_state(aux.carries, batch_ndim=1)
+    ref = flatten_state(sj.trajectory(cell, params, xs, carry=c0).carries, batch_ndim=1)
     hist = quasi_deer(cell, params, xs, c0, iters=T)
     np.testing.assert_allclose(hist[-1], ref, rtol=0, atol=1e-10)
     for k in range(1, T + 1):
@@ -368,9 +368,15 @@ _KERNEL_OPTIONS = {
 }
 
 
+def _unroll(cell, params, xs, base, *, truncate=None, **kw):
+    """``unroll`` with gradient ``base``, truncated every ``truncate`` steps when given."""
+    gradient = base if truncate is None else Truncate(truncate, base=base)
+    return sj.unroll(cell, params, xs, gradient=gradient, **kw)
+
+
 def _kernel_grads(cell, params, xs, c0, w, mode, **kw):
     def loss(p, xs, c0):
-        c, ys = sj.unroll(cell, p, xs, carry=c0, bptt=mode, **kw)
+        c, ys = _unroll(cell, p, xs, mode, carry=c0, **kw)
         return jnp.sum(ys * w) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree_util.tree_leaves(c))
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, xs, c0)
@@ -387,11 +393,11 @@ def test_lstm_recompute_kernel_equals_autodiff(opt, x64):
     c0 = _carry(cell, params, (_B,), 7)
     w = _randn(8, (_B, _T, _H))
     kw = _KERNEL_OPTIONS[opt]
-    cf, ysf = sj.unroll(cell, params, xs, carry=c0, bptt="fused", **kw)
-    ca, ysa = sj.unroll(cell, params, xs, carry=c0, bptt="autodiff", **kw)
+    cf, ysf = _unroll(cell, params, xs, Fused(), carry=c0, **kw)
+    ca, ysa = _unroll(cell, params, xs, Autodiff(), carry=c0, **kw)
     chex.assert_trees_all_close((cf, ysf), (ca, ysa), rtol=1e-12, atol=1e-13)
-    vf, gf = _kernel_grads(cell, params, xs, c0, w, "fused", **kw)
-    va, ga = _kernel_grads(cell, params, xs, c0, w, "autodiff", **kw)
+    vf, gf = _kernel_grads(cell, params, xs, c0, w, Fused(), **kw)
+    va, ga = _kernel_grads(cell, params, xs, c0, w, Autodiff(), **kw)
     np.testing.assert_allclose(vf, va, rtol=1e-12)
     chex.assert_trees_all_close(gf, ga, rtol=1e-10, atol=1e-12)
 
@@ -400,8 +406,8 @@ def test_lstm_recompute_kernel_is_a_custom_vjp():
     cell = _recompute_lstm(_H)
     params = _params(cell, _I, 0, dtype=jnp.float32)
     xs = jnp.ones((_B, _T, _I))
-    fused = str(jax.make_jaxpr(lambda p: sj.unroll(cell, p, xs, bptt="fused")[1])(params))
-    plain = str(jax.make_jaxpr(lambda p: sj.unroll(cell, p, xs, bptt="autodiff")[1])(params))
+    fused = str(jax.make_jaxpr(lambda p: sj.unroll(cell, p, xs, gradient=Fused())[1])(params))
+    plain = str(jax.make_jaxpr(lambda p: sj.unroll(cell, p, xs, gradient=Autodiff())[1])(params))
     assert "custom_vjp_call" in fused
     assert "custom_vjp_call" not in plain
 
@@ -748,7 +754,7 @@ def test_tbptt_follows_the_dtype_rule(x64):
 def test_cli_gate_names_follow_block_order():
     """The names of w_h's column blocks come from the gates capability in block order (not the
     sorted keys eval_shape would give)."""
-    from seqjax.cli import _gate_names
+    from seqjax.diagnose import gate_names as _gate_names  # the CLI's helper, moved to diagnose
 
     for cell, want in (
         (sj.lstm(3), ["i", "f", "g", "o"]),

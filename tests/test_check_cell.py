@@ -238,7 +238,7 @@ def test_catches_kernel_that_ignores_the_mask():
     assert "mask" in bad.kernel.accepts
     err = _raises(bad)
     assert (err.check, err.capability) == ("kernel[mask]", "kernel")
-    assert "bptt='fused' vs bptt='autodiff'" in str(err)
+    assert "gradient=Fused() vs gradient=Autodiff()" in str(err)
 
 
 def test_catches_stale_kernel_after_the_step_changes():

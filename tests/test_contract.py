@@ -7,7 +7,7 @@ For each cell:
   Python loop over ``step``; the carry keeps its tree, shapes and dtypes (batch shapes
   ``()``, ``(B,)``, ``(2, 3)``; float32 and float64); ``jit`` equals eager; ``vmap`` over a
   batch equals a loop over sequences (float32, 1e-5);
-* gradients (float64): reverse and forward mode through ``unroll(bptt="autodiff")`` against
+* gradients (float64): reverse and forward mode through ``unroll(gradient=Autodiff())`` against
   central finite differences (``grads``), and the default path's fused kernel, where the
   cell has one, against autodiff to 1e-10 (``kernel[plain]``).
 
@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import seqjax as sj
+from seqjax.gradients import Autodiff
 from seqjax.testing import check_cell
 
 B, T, I, H = 2, 5, 3, 4
@@ -110,5 +111,5 @@ def test_unroll_equals_python_loop_by_hand(name):
     # float32 scan vs Python loop: the same ops in the same order, so rounding differences are
     # at most a few ulps (XLA may fuse differently): 1e-6.
     chex.assert_trees_all_close(
-        sj.unroll(cell, params, xs, bptt="autodiff"), _python_loop(cell, params, xs), rtol=1e-6, atol=1e-6
+        sj.unroll(cell, params, xs, gradient=Autodiff()), _python_loop(cell, params, xs), rtol=1e-6, atol=1e-6
     )

@@ -83,7 +83,7 @@ def test_mismatched_param_tree():
 
 def test_bad_xs_and_time_axis():
     cell, params, _ = _setup()
-    with pytest.raises(ValueError, match=r"xs has shape \(3,\) but needs at least 2 dims"):
+    with pytest.raises(ValueError, match=r"xs of shape \(3,\) has 1 dims but needs at least 2"):
         sj.unroll(cell, params, jnp.ones((I,)))
     with pytest.raises(ValueError, match="time_axis=-1"):
         sj.unroll(cell, params, jnp.ones((B, T, I)), time_axis=-1)

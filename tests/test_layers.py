@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from helpers import assert_trees_close
 
-from seqjax import CellMeta, LSTMState, check_params, gru, lstm, rnn, unroll
+from seqjax import CellMeta, LSTMState, check_params, gru, lstm, rnn, trajectory, unroll
+from seqjax.gradients import Autodiff, Remat
 from seqjax.layers import (
     BiCarry,
     Layer,
@@ -93,12 +94,12 @@ def test_stack_gates_are_per_layer_and_work_with_unroll():
     cell = stack([lstm(4), gru(3)])
     params = _init(cell, 0, 2)
     xs = _xs(0, (2, 5, 2), jnp.float32)
-    _, _, aux = unroll(cell, params, xs, return_gates=True)
+    aux = trajectory(cell, params, xs, gates=True)
     assert set(aux.gates) == {"layer_0", "layer_1"}
     assert set(aux.gates["layer_0"]) == {"i", "f", "g", "o"} and aux.gates["layer_1"]["r"].shape == (2, 5, 3)
     # layer 1's gates are those of the GRU fed layer 0's outputs
     _, ys0 = unroll(lstm(4), params[0], xs)
-    _, _, aux1 = unroll(gru(3), params[1], ys0, return_gates=True)
+    aux1 = trajectory(gru(3), params[1], ys0, gates=True)
     assert_trees_close(aux.gates["layer_1"], aux1.gates, rtol=0, atol=1e-6)
 
 
@@ -232,6 +233,49 @@ def test_as_layer_reverse_and_layer_type():
     assert_trees_close(layer.apply(params, xs)[1], unroll(cell, params, xs, reverse=True)[1], rtol=0, atol=0)
 
 
+def _fused(fn, *args):
+    return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_as_layer_and_bidirectional_forward_unroll_options():
+    """Options given to ``as_layer``/``bidirectional`` are fixed for the layer; ``apply``
+    forwards any per call (a per-call value winning); 0.1 keywords and options a layer owns
+    itself are refused."""
+    cell = gru(3)
+    params = _init(cell, 0, 2)
+    xs = _xs(2, (2, 5, 2), jnp.float32)
+    mask = jnp.array([[1, 0, 1, 1, 0], [1, 1, 1, 0, 0]], bool)
+    layer = as_layer(cell, gradient=Autodiff())
+    assert layer.meta.option("gradient") == Autodiff()
+    assert not _fused(lambda p: layer.apply(p, xs)[1], params)
+    assert _fused(lambda p: as_layer(cell).apply(p, xs)[1], params)
+    # (the layer runs autodiff's scan, unroll the kernel: float32 rounding apart)
+    assert_trees_close(
+        layer.apply(params, xs, mask=mask), unroll(cell, params, xs, mask=mask), rtol=0, atol=1e-6
+    )
+    rev = as_layer(cell, reverse=True, gradient=Remat(2))
+    assert_trees_close(rev.apply(params, xs, reverse=False), unroll(cell, params, xs), rtol=0, atol=1e-6)
+    assert_trees_close(rev.apply(params, xs), unroll(cell, params, xs, reverse=True), rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match=r"no longer takes bptt=.*gradient=seqjax.gradients"):
+        as_layer(cell, bptt="autodiff")
+    with pytest.raises(TypeError, match=r"no longer takes remat=.*Remat"):
+        layer.apply(params, xs, remat=True)
+    with pytest.raises(TypeError, match="unexpected option 'carry'"):
+        as_layer(cell, carry=None)
+    # bidirectional: both directions get the options
+    bi = bidirectional(cell, gru(3), gradient=Autodiff())
+    pb = _init(bi, 1, 2)
+    assert not _fused(lambda p: bi.apply(p, xs)[1], pb)
+    assert _fused(lambda p: bidirectional(cell, gru(3)).apply(p, xs)[1], pb)
+    _, y_f = unroll(cell, pb["fwd"], xs, mask=mask)
+    _, y_b = unroll(gru(3), pb["bwd"], xs, mask=mask, reverse=True)
+    assert_trees_close(bi.apply(pb, xs, mask=mask)[1], jnp.concatenate([y_f, y_b], -1), rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="unexpected option 'reverse'"):
+        bidirectional(cell, reverse=True)
+    with pytest.raises(TypeError, match=r"no longer takes truncate=.*Truncate"):
+        bi.apply(pb, xs, truncate=2)
+
+
 def test_dense_and_embedding_against_numpy():
     d = dense(4)
     p = d.init(jax.random.key(0), 3)
@@ -250,3 +294,19 @@ def test_dense_and_embedding_against_numpy():
     np.testing.assert_array_equal(np.asarray(e.apply(pe, ids)), np.asarray(pe["table"])[np.asarray(ids)])
     with pytest.raises(ValueError, match="integers"):
         e.apply(pe, jnp.zeros((2,)))
+
+
+def test_stack_layers_forwards_unroll_options():
+    """``stack_layers(...).apply(..., mask=, gradient=)`` hands the options to every layer:
+    equal to unrolling each layer with them, one after the other (float32, 1e-6)."""
+    cells = [lstm(3), gru(2)]
+    net = stack_layers(cells)
+    params = net.init(jax.random.key(0), 4)
+    xs = jax.random.normal(jax.random.key(1), (2, 6, 4))
+    mask = jnp.array([[1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 0, 1]], bool)
+    _, ys = jax.jit(lambda p, x: net.apply(p, x, mask=mask, gradient=Remat(2)))(params, xs)
+    _, y0 = unroll(cells[0], params[0], xs, mask=mask)
+    _, y1 = unroll(cells[1], params[1], y0, mask=mask)
+    assert_trees_close(ys, y1, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="solver=seqjax.solvers.Sequential"):
+        net.apply(params, xs, unroll=2)

@@ -62,6 +62,38 @@ def test_module_equals_functional(make_mod, make_cell):
         assert_trees_close(y_j, sj.unroll(cell, params, xs, lengths=lengths)[1], rtol=1e-5, atol=1e-5)
 
 
+def test_module_forwards_unroll_options_and_trajectory():
+    """``Recurrent.__call__`` forwards every option of ``unroll`` (``gradient``, ``solver``,
+    ``mask``, ...), ``Recurrent.trajectory`` is ``seqjax.trajectory``, ``Bidirectional``
+    forwards the options its layer takes; 0.1 keywords are refused with their new spelling."""
+    mod = LSTM(I, H, rngs=nnx.Rngs(0))
+    cell, params, xs = sj.lstm(H), mod.to_params(), _xs(6)
+    mask = jnp.ones((B, T), bool).at[1, 2:5].set(False)
+    kw = dict(mask=mask, resets=jnp.zeros((B, T), bool).at[0, 3].set(True), gradient=sj.gradients.Autodiff())
+    assert_trees_close(mod(xs, **kw), sj.unroll(cell, params, xs, **kw), **TOL)
+    solver = sj.solvers.Sequential(unroll=2)
+    assert_trees_close(mod(xs, solver=solver), sj.unroll(cell, params, xs, solver=solver), **TOL)
+    jaxpr = lambda **kw: str(jax.make_jaxpr(lambda x: mod(x, **kw)[1])(xs))
+    assert "custom_vjp_call" in jaxpr() and "custom_vjp_call" not in jaxpr(gradient=sj.gradients.Autodiff())
+    tr = mod.trajectory(xs, gates=True, lengths=jnp.array([7, 3, 5]))
+    want = sj.trajectory(cell, params, xs, gates=True, lengths=jnp.array([7, 3, 5]))
+    assert isinstance(tr, sj.Trajectory)
+    assert_trees_close(tr, want, **TOL)
+    assert mod.trajectory(xs).gates is None
+    with pytest.raises(TypeError, match=r"no longer takes return_carries=.*seqjax.trajectory"):
+        mod(xs, return_carries=True)
+    with pytest.raises(TypeError, match=r"no longer takes recurrent_dropout=.*seqjax.cells.dropout"):
+        mod(xs, recurrent_dropout=0.2, key=jax.random.key(0))
+    bi = Bidirectional(GRU(I, H, rngs=nnx.Rngs(1)), GRU(I, H, rngs=nnx.Rngs(2)))
+    _, y_bi = bi(xs, mask=mask, gradient=sj.gradients.Autodiff())
+    _, y_f = sj.unroll(sj.gru(H), bi.fwd.to_params(), xs, mask=mask)
+    _, y_b = sj.unroll(sj.gru(H), bi.bwd.to_params(), xs, mask=mask, reverse=True)
+    # autodiff's scan against the kernel: float32 rounding apart
+    assert_trees_close(y_bi, jnp.concatenate([y_f, y_b], -1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match=r"no longer takes bptt="):
+        bi(xs, bptt="fused")
+
+
 def test_from_params_roundtrip_and_weights_used():
     cell = sj.lstm(H, hidden_bias=True)
     params = cell.init(jax.random.key(3), I)
@@ -214,3 +246,16 @@ def test_gru_matches_torch():
         # float64 on both sides: agreement to ~1e-12
         np.testing.assert_allclose(np.asarray(ys), y_t.numpy(), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(np.asarray(carry), h_t.numpy()[0], rtol=1e-10, atol=1e-12)
+
+
+def test_stack_module_forwards_unroll_options():
+    """``Stack(...)(xs, mask=...)`` equals the functional ``stack_layers`` with the same option."""
+    rngs = nnx.Rngs(0)
+    net = Stack([LSTM(3, 4, rngs=rngs), GRU(4, 2, rngs=rngs)])
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    mask = jnp.array([[1, 0, 1, 1, 1], [1, 1, 1, 0, 1]], bool)
+    _, ys = net(xs, mask=mask)
+    _, want = sj.stack_layers([sj.lstm(4), sj.gru(2)]).apply(net.to_params(), xs, mask=mask)
+    assert_trees_close(ys, want, rtol=1e-6, atol=1e-6)
+    _, plain = net(xs)
+    assert not np.allclose(ys, plain)  # the mask reached the layers

@@ -13,7 +13,7 @@ default. Matrices act on row vectors: ``x_t @ w_x`` with ``w_x: (I, G*H)``.
 
 One module per family, each owning its step, its analytic Jacobian (and diagonal) and its
 fused BPTT kernel: ``elman`` (rnn, irnn), ``lstm``, ``gru``, ``minimal`` (mgu, janet),
-``windowed`` (tdnn, narx), ``wrappers`` (learnable_carry, stack). A user's cell may carry
+``windowed`` (tdnn, narx), ``wrappers`` (learnable_carry, dropout, stack). A user's cell may carry
 none of the capabilities and still gets every feature of seqjax through generic paths.
 """
 
@@ -32,7 +32,7 @@ from seqjax.cells.gru import gru
 from seqjax.cells.lstm import LSTMState, lstm
 from seqjax.cells.minimal import janet, mgu
 from seqjax.cells.windowed import NARXState, narx, tdnn
-from seqjax.cells.wrappers import learnable_carry, stack
+from seqjax.cells.wrappers import dropout, learnable_carry, stack
 
 __all__ = [
     "Cell",
@@ -54,6 +54,7 @@ __all__ = [
     "tdnn",
     "narx",
     "learnable_carry",
+    "dropout",
     "stack",
     "get_activation",
 ]

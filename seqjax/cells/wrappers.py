@@ -1,8 +1,12 @@
-r"""Cells made of cells: ``learnable_carry`` and ``stack``. Each composes the capabilities
-of its inner cells, keeping what stays exact and dropping what does not.
+r"""Cells made of cells: ``learnable_carry``, ``dropout`` and ``stack``. Each composes the
+capabilities of its inner cells, keeping what stays exact and dropping what does not.
 
 * ``learnable_carry(cell)`` changes the params layout and the initial carry only: every
   capability passes through (``seqjax.cells.wrap``).
+* ``dropout(cell, input_rate=, recurrent_rate=, key=)``: variational dropout as a cell. The
+  output rule and gates pass through with the masks; the Jacobian and its diagonal stay
+  exact (``J = J_inner(m * s, x) diag(m)``); the fused kernel is kept for input dropout
+  only; ``jacobian_bound`` is dropped (the masks scale by ``1/(1 - rate)``).
 * ``stack(cells)``: the output rule composes (``y^l_t = out_l(carry^l_t, y^{l-1}_t)``), the
   Jacobian diagonal composes (the diagonal of the block lower-triangular stack Jacobian is
   made of each layer's own diagonal at its own input), the fused kernels compose layer by
@@ -20,10 +24,10 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from seqjax._util import bind
+from seqjax._util import bind, is_floating
 from seqjax.cells._core import Cell, CellMeta, Kernel, batch_shape_of, param_dtype, wrap
 
-__all__ = ["learnable_carry", "stack"]
+__all__ = ["learnable_carry", "dropout", "stack"]
 
 
 # --------------------------------------------------------------------------- learnable_carry
@@ -122,6 +126,176 @@ def _drop(y, l, rate, key):
     if l and rate:
         return y * _keep_mask(jax.random.fold_in(key, l), rate, y.shape, y.dtype)
     return y
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _check_rate(rate, name: str) -> float:
+    if not (0.0 <= float(rate) < 1.0):
+        raise ValueError(f"{name} must lie in [0, 1), got {rate}.")
+    return float(rate)
+
+
+def _recurrent_field(carry):
+    """``"h"`` for a carry NamedTuple with an ``h`` field (recurrent dropout acts there), else
+    ``None`` (it acts on every floating leaf)."""
+    return "h" if hasattr(carry, "h") and hasattr(carry, "_replace") else None
+
+
+def _carry_masks(carry, key, rate):
+    """A pytree like ``carry``: keep masks (scaled by ``1/(1 - rate)``) on the leaves recurrent
+    dropout acts on, ``None`` elsewhere."""
+    field = _recurrent_field(carry)
+    target = getattr(carry, field) if field else carry
+    leaves, treedef = jax.tree_util.tree_flatten(target)
+    ks = jax.random.split(key, max(len(leaves), 1))
+    masks = jax.tree_util.tree_unflatten(
+        treedef,
+        [_keep_mask(k, rate, a.shape, a.dtype) if is_floating(a) else None for k, a in zip(ks, leaves)],
+    )
+    if not field:
+        return masks
+    none = jax.tree_util.tree_map(lambda _: None, carry)
+    return none._replace(**{field: masks})
+
+
+def _apply_masks(carry, masks):
+    return jax.tree_util.tree_map(
+        lambda a, m: a if m is None else a * m, carry, masks, is_leaf=lambda m: m is None
+    )
+
+
+def _dropped(carry, x, *, input_rate, recurrent_rate, key):
+    """``(m_s * carry, m_x * x)`` with masks drawn from ``key`` for these shapes."""
+    k_x, k_h = jax.random.split(key)
+    if input_rate:
+        x = x * _keep_mask(k_x, input_rate, x.shape, x.dtype)
+    if recurrent_rate:
+        carry = _apply_masks(carry, _carry_masks(carry, k_h, recurrent_rate))
+    return carry, x
+
+
+def _dropout_step(params, carry, x, *, cell, **drop):
+    c, x = _dropped(carry, x, **drop)
+    return cell.step(params, c, x)
+
+
+def _dropout_gates(params, carry, x, *, cell, **drop):
+    c, x = _dropped(carry, x, **drop)
+    return cell.gates(params, c, x)
+
+
+def _dropout_output(params, carry, x, *, cell, **drop):
+    _, x = _dropped(carry, x, **drop)  # the output reads the new carry and the masked input
+    return cell.output(params, carry, x)
+
+
+def _flat_mask(carry, masks):
+    """The recurrent masks on the flattened (unbatched) carry, ones where none acts."""
+    parts = [
+        jnp.ones((a.size,), a.dtype) if m is None else jnp.reshape(m, (-1,))
+        for a, m in zip(
+            jax.tree_util.tree_leaves(carry),
+            jax.tree_util.tree_leaves(masks, is_leaf=lambda m: m is None),
+            strict=True,
+        )
+    ]
+    return jnp.concatenate(parts) if parts else jnp.zeros((0,))
+
+
+def _dropout_jacobian(params, carry, x, *, cell, diagonal, **drop):
+    c, xd = _dropped(carry, x, **drop)
+    fn = cell.jacobian_diagonal if diagonal else cell.jacobian
+    J = fn(params, c, xd)
+    if not drop["recurrent_rate"]:
+        return J
+    _, k_h = jax.random.split(drop["key"])
+    d = _flat_mask(carry, _carry_masks(carry, k_h, drop["recurrent_rate"])).astype(J.dtype)
+    return J * d if diagonal else J * d[None, :]
+
+
+def _dropout_run(params, carry0, xs, *, run, input_rate, key, **options):
+    if not input_rate:
+        return run(params, carry0, xs, **options)
+    k_x, _ = jax.random.split(key)
+    return run(params, carry0, xs * _keep_mask(k_x, input_rate, xs.shape[1:], xs.dtype)[None], **options)
+
+
+def dropout(cell: Cell, *, input_rate: float = 0.0, recurrent_rate: float = 0.0, key: jax.Array) -> Cell:
+    r"""Variational dropout (Gal & Ghahramani 2016) as a cell transformation.
+
+    One Bernoulli mask per sequence, shared by every step, on the input and on the state fed
+    back into the step::
+
+        carry_t, y_t = cell.step(params, m_s * carry_{t-1}, m_x * x_t)
+
+    with ``m_x ~ Bernoulli(1 - input_rate) / (1 - input_rate)`` of shape ``(*batch, I)`` and
+    ``m_s`` likewise on the ``h`` field of a carry that has one (``LSTMState``: the cell state
+    ``c`` is not dropped), else on every floating carry leaf. The masks are drawn inside the
+    step from ``key`` (``k_x, k_s = split(key)``), so every step draws the same ones. Held
+    (masked) steps of ``unroll`` keep the undropped carry.
+
+    Build it with a fresh key for each training step, inside the jitted loss; evaluate with
+    the plain cell (the params are the same). Like ``stack(..., dropout=)``, the masks take the
+    batch shape the step sees, so one sequence run alone draws other masks than in a batch:
+    analyse the plain cell.
+
+    Capabilities: ``output`` and ``gates`` with the masks; ``jacobian`` and
+    ``jacobian_diagonal`` exact, ``J = J_cell(m_s * s, m_x * x) diag(m_s)``; the fused
+    ``kernel`` when ``recurrent_rate == 0`` (it runs on the masked inputs); ``input_size``;
+    ``jacobian_bound`` is dropped.
+
+    Args:
+      cell: any ``Cell``.
+      input_rate: dropout rate on the inputs, in ``[0, 1)``.
+      recurrent_rate: dropout rate on the recurrent state, in ``[0, 1)``.
+      key: PRNG key of the masks.
+
+    Returns:
+      A ``Cell`` with the params of ``cell``.
+
+    Example::
+
+      def loss(params, batch, key):
+          xs, ys = batch
+          _, out = seqjax.unroll(seqjax.cells.dropout(cell, recurrent_rate=0.25, key=key), params, xs)
+          return jnp.mean((out - ys) ** 2)
+    """
+    if not isinstance(cell, Cell):
+        raise TypeError(f"dropout: cell must be a seqjax.Cell, got {type(cell).__name__}.")
+    drop = {
+        "input_rate": _check_rate(input_rate, "input_rate"),
+        "recurrent_rate": _check_rate(recurrent_rate, "recurrent_rate"),
+        "key": key,  # bind holds the key by identity
+    }
+    if key is None:
+        raise ValueError(
+            "dropout needs a PRNG key: seqjax.cells.dropout(cell, ..., key=jax.random.key(...))."
+        )
+    caps = {}
+    if cell.output is not None:
+        caps["output"] = bind(_dropout_output, cell=cell, **drop)
+    if cell.gates is not None:
+        caps["gates"] = bind(_dropout_gates, cell=cell, **drop)
+    if cell.jacobian is not None:
+        caps["jacobian"] = bind(_dropout_jacobian, cell=cell, diagonal=False, **drop)
+    if cell.jacobian_diagonal is not None:
+        caps["jacobian_diagonal"] = bind(_dropout_jacobian, cell=cell, diagonal=True, **drop)
+    if cell.kernel is not None and not drop["recurrent_rate"]:
+        caps["kernel"] = Kernel(
+            bind(_dropout_run, run=cell.kernel.run, input_rate=drop["input_rate"], key=key),
+            cell.kernel.accepts,
+        )
+    if cell.input_size is not None:
+        caps["input_size"] = cell.input_size
+    inner = cell.meta
+    meta = CellMeta(
+        f"dropout({inner.name if inner is not None else 'cell'})",
+        inner.hidden_size if inner is not None else 0,
+        (("input_rate", drop["input_rate"]), ("recurrent_rate", drop["recurrent_rate"])),
+    )
+    return Cell(cell.init, cell.initial_carry, bind(_dropout_step, cell=cell, **drop), meta=meta, **caps)
 
 
 def init_in_sequence(models, key, input_size: int, size_of=None) -> tuple:
@@ -244,9 +418,7 @@ def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None 
     for i, c in enumerate(cells):
         if not isinstance(c, Cell):
             raise TypeError(f"stack: cells[{i}] must be a seqjax.Cell, got {type(c).__name__}.")
-    if not (0.0 <= float(dropout) < 1.0):
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout}.")
-    rate = float(dropout)
+    rate = _check_rate(dropout, "dropout")
     if rate and key is None:
         raise ValueError("stack: dropout > 0 needs a PRNG key: stack(cells, dropout=rate, key=key).")
     drop = {"cells": cells, "rate": rate, "key": key if rate else None}  # bind holds the key by identity
