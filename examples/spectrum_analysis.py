@@ -8,7 +8,7 @@ Mikolov & Bengio (2013) about it, all with ``seqjax.spectrum``:
 * ``lyapunov_spectrum``: the Lyapunov exponents by the QR method (per step);
 * ``step_jacobians`` + ``step_spectra``: eigenvalues and singular values of
   ``J_t = ds_t/ds_{t-1}`` along a trajectory;
-* ``fixed_points.find_fixed_points``: fixed points of the autonomous dynamics (input 0)
+* ``spectrum.find_fixed_points``: fixed points of the autonomous dynamics (input 0)
   and their stability.
 
 With matplotlib installed (``pip install "seqjax[plot]"``) the figures go to ``--out``.
@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import seqjax as sj
-from seqjax import fixed_points, spectrum, tasks
+from seqjax import spectrum, tasks
 from seqjax.layers import dense
 from seqjax.losses import mse
 from seqjax.seq2seq import many_to_one
-from seqjax.train import clipped_adam, fit
+from seqjax.train import Logging, clipped_adam, fit
 
 
 def main(
@@ -81,8 +81,7 @@ def main(
         functools.partial(tasks.adding_problem, n=batch, length=T),
         key=k_fit,
         steps=steps,
-        log_every=max(1, steps // 5),
-        progress=progress,
+        logging=Logging(every=max(1, steps // 5), progress=progress),
         mesh=None,
     )
     params = res.state.params
@@ -108,8 +107,8 @@ def main(
 
     fps = None
     if fixed_point_starts:
-        starts = fixed_points.sample_states(cell, body, x_an, n=fixed_point_starts, key=k_fp, noise=0.05)
-        fps = fixed_points.find_fixed_points(cell, body, jnp.zeros((2,)), starts, steps=500)
+        starts = spectrum.sample_states(cell, body, x_an, n=fixed_point_starts, key=k_fp, noise=0.05)
+        fps = spectrum.find_fixed_points(cell, body, jnp.zeros((2,)), starts, steps=500)
         print("\nfixed points of the autonomous dynamics (input 0):\n" + str(fps))
 
     if out is not None:

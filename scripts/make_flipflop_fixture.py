@@ -4,7 +4,7 @@ The 3-bit flip-flop (Sussillo & Barak 2013, "Opening the black box"): three inpu
 carry rare +1/-1 pulses; output channel i must hold the sign of the last pulse seen on
 input channel i. A network that solves it stores 2**3 = 8 memories, one stable fixed point
 of the autonomous dynamics (zero input) per memory state, which ``tests/test_fixed_points.py``
-finds with ``seqjax.fixed_points``.
+finds with ``seqjax.spectrum.find_fixed_points``.
 
 Usage::
 

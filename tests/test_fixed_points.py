@@ -1,4 +1,4 @@
-"""Tests of seqjax.fixed_points.
+"""Tests of seqjax.spectrum.fixed_points.
 
 Oracles: the origin of a zero-bias tanh RNN (Jacobian W_h^T, eigenvalues eig(W)); a 1-D map
 with a known slow point; a trained 3-bit flip-flop network (fixture made by
@@ -16,7 +16,7 @@ import pytest
 import seqjax as sj
 from seqjax import initializers as inits
 from seqjax.cells import Cell
-from seqjax.fixed_points import find_fixed_points, linearize, sample_states, speed
+from seqjax.spectrum import find_fixed_points, linearize, sample_states, speed
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "flipflop_rnn.npz"
 

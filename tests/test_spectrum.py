@@ -178,7 +178,7 @@ def test_lstm_jacobian_is_2h_and_has_cell_path(x64):
     xs = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64)
     out = step_jacobians(cell, p, xs)
     assert out.jacobians.shape == (5, 2 * H, 2 * H)
-    _, _, aux = sj.unroll(cell, p, xs, return_gates=True)
+    aux = sj.trajectory(cell, p, xs, gates=True)
     for t in range(5):
         np.testing.assert_allclose(
             out.jacobians[t, H:, H:], np.diag(np.asarray(aux.gates["f"][t])), atol=1e-14

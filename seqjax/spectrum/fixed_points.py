@@ -39,17 +39,9 @@ import optax
 
 from seqjax._util import promote
 from seqjax.cells import Cell
-from seqjax.spectrum import (
-    _batch_major,
-    _flat_step,
-    _jacobian_fn,
-    _like,
-    _trajectory,
-    eig,
-    flatten_state,
-    state_size,
-    unflatten_state,
-)
+from seqjax.spectrum.jacobians import _batch_major, _jacobian_fn, _trajectory
+from seqjax.spectrum.linalg import eig
+from seqjax.spectrum.state import _flat_step, _like, flatten_state, state_size, unflatten_state
 
 __all__ = [
     "FixedPoints",

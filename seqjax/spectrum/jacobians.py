@@ -1,0 +1,201 @@
+r"""Step Jacobians along a trajectory: ``J_t = ds_t/ds_{t-1}: (S, S)`` and ``B_t = ds_t/dx_t: (S, I)``.
+
+A Jacobian comes from the cell's ``jacobian`` capability when it has one, else from
+``jax.jacfwd`` of the flattened step (``_jacobian_fn``). The trajectory is one
+``seqjax.trajectory`` over the inputs moved to batch-major ``(*batch, T, I)``
+(``_batch_major``, ``_trajectory``); the ``T`` Jacobians are then evaluated in parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqjax._util import promote
+from seqjax.cells import Cell
+from seqjax.spectrum.state import _flat_step, _like, _vmap_lead, flatten_state, unflatten_state
+from seqjax.unroll import trajectory
+
+__all__ = [
+    "step_jacobian",
+    "input_jacobian",
+    "step_jacobians",
+    "StepJacobians",
+]
+
+_METHODS = ("auto", "analytic", "autodiff")
+
+
+def _jacobian_fn(cell: Cell, params: Any, method: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``(s, x) -> J`` on unbatched flat states: the cell's ``jacobian`` capability (``"auto"``,
+    ``"analytic"``) or ``jax.jacfwd`` of the flattened step (``"autodiff"``, or ``"auto"``
+    for a cell without one)."""
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+    like = _like(cell, params)
+    if method in ("auto", "analytic"):
+        if cell.jacobian is not None:
+
+            def jac(s, x):
+                return cell.jacobian(params, unflatten_state(s, like), x).astype(s.dtype)
+
+            return jac
+        if method == "analytic":
+            name = cell.label
+            raise ValueError(
+                f"method='analytic': {name} has no jacobian capability (cell.jacobian is None); "
+                "use method='autodiff' or 'auto', or give the cell one: "
+                "Cell(..., jacobian=lambda params, carry, x: J)."
+            )
+    return jax.jacfwd(_flat_step(cell, params, like), argnums=0)
+
+
+def _check_single(cell, params, carry, x_t, name="carry"):
+    like = _like(cell, params)
+    got = jax.tree_util.tree_structure(carry)
+    if got != jax.tree_util.tree_structure(like):
+        raise ValueError(
+            f"{name} has the tree {got} but the cell's carry is {jax.tree_util.tree_structure(like)}."
+        )
+    for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(like)):
+        if tuple(np.shape(a)) != tuple(b.shape):
+            want = [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(like)]
+            raise ValueError(
+                f"{name} must be one unbatched carry (leaf shapes {want}), "
+                f"got a leaf of shape {tuple(np.shape(a))}; vmap over the batch instead."
+            )
+    x_t = jnp.asarray(x_t)
+    if x_t.ndim != 1:
+        raise ValueError(f"x_t must be one input vector (I,), got shape {tuple(x_t.shape)}.")
+    return x_t
+
+
+def step_jacobian(cell: Cell, params: Any, carry: Any, x_t: jax.Array, *, method: str = "auto") -> jax.Array:
+    r"""One step Jacobian ``J = ds_t/ds_{t-1}`` at ``(carry, x_t)``.
+
+    ``J[i, j] = d s_t[i] / d s_{t-1}[j]`` with ``s = flatten_state(carry)``. For the Elman
+    RNN ``J = diag(f'(net)) W_h^T`` (row-vector cells: ``net = x W_x + h W_h + b``).
+
+    Args:
+      cell: any ``Cell``.
+      params: its params.
+      carry: one *unbatched* carry (leaves without batch axes).
+      x_t: one input ``(I,)``.
+      method: ``"auto"`` (the cell's ``jacobian`` capability when it has one, autodiff
+        otherwise), ``"analytic"`` (the capability, or an error) or ``"autodiff"``
+        (``jax.jacfwd`` of the flattened step).
+
+    Returns:
+      ``J: (S, S)``.
+    """
+    x_t = _check_single(cell, params, carry, x_t)
+    params, x_t, carry, _ = promote(params, x_t, carry)
+    s = flatten_state(carry)
+    return _jacobian_fn(cell, params, method)(s, x_t)
+
+
+def input_jacobian(cell: Cell, params: Any, carry: Any, x_t: jax.Array) -> jax.Array:
+    """Input Jacobian ``B = ds_t/dx_t: (S, I)`` at one unbatched ``(carry, x_t)`` (autodiff)."""
+    x_t = _check_single(cell, params, carry, x_t)
+    params, x_t, carry, _ = promote(params, x_t, carry)
+    f = _flat_step(cell, params, _like(cell, params))
+    return jax.jacfwd(f, argnums=1)(flatten_state(carry), x_t)
+
+
+class StepJacobians(NamedTuple):
+    """Step Jacobians along trajectories (all batch-major).
+
+    Attributes:
+      jacobians: ``(*batch, T, S, S)``, ``J_t = ds_t/ds_{t-1}`` for ``t = 1..T``.
+      input_jacobians: ``(*batch, T, S, I)``, ``ds_t/dx_t``; ``None`` unless asked for.
+      states: ``(*batch, T, S)``, ``s_t`` after each step.
+      prev_states: ``(*batch, T, S)``, ``s_{t-1}`` before each step (``s_0`` first).
+    """
+
+    jacobians: jax.Array
+    input_jacobians: jax.Array | None
+    states: jax.Array
+    prev_states: jax.Array
+
+
+def _batch_major(xs, time_axis):
+    xs = jnp.asarray(xs)
+    if xs.ndim < 2:
+        raise ValueError(
+            f"xs has shape {tuple(xs.shape)} but needs at least 2 dims: (*batch, T, I) (time_axis=-2)."
+        )
+    ta = time_axis + xs.ndim if time_axis < 0 else time_axis
+    if not 0 <= ta < xs.ndim - 1:
+        raise ValueError(f"time_axis={time_axis} is not a valid time axis for xs of shape {tuple(xs.shape)}.")
+    return jnp.moveaxis(xs, ta, -2)
+
+
+def _trajectory(cell, params, xs_bm, carry):
+    """Run ``trajectory``; return ``(prev_states, states)`` both ``(*batch, T, S)``."""
+    batch_shape = tuple(xs_bm.shape[:-2])
+    c0 = cell.initial_carry(params, batch_shape) if carry is None else carry
+    carries = trajectory(cell, params, xs_bm, carry=c0).carries
+    nb = len(batch_shape)
+    states = flatten_state(carries, batch_ndim=nb + 1)
+    s0 = flatten_state(c0, batch_ndim=nb).astype(states.dtype)
+    prev = jnp.concatenate([s0[..., None, :], states[..., :-1, :]], axis=-2)
+    return prev, states
+
+
+def step_jacobians(
+    cell: Cell,
+    params: Any,
+    xs: jax.Array,
+    *,
+    carry: Any = None,
+    time_axis: int = -2,
+    method: str = "auto",
+    inputs: bool = False,
+) -> StepJacobians:
+    r"""Step Jacobians ``J_t = ds_t/ds_{t-1}`` (and optionally ``ds_t/dx_t``) along trajectories.
+
+    The trajectory ``s_0, ..., s_T`` comes from one ``seqjax.trajectory`` (its ``carries``);
+    the ``T`` Jacobians are then evaluated at ``(s_{t-1}, x_t)`` in parallel (``vmap``).
+
+    Args:
+      cell: any ``Cell`` (a user's cell goes through autodiff of its flattened step).
+      params: its params.
+      xs: inputs ``(*batch, T, I)`` (or time at ``time_axis``).
+      carry: initial carry, leaves ``(*batch, ...)``; default ``cell.initial_carry``.
+      time_axis: time axis of ``xs``; results are batch-major regardless.
+      method: ``"auto"``, ``"analytic"`` or ``"autodiff"`` (see ``step_jacobian``).
+      inputs: also compute the input Jacobians ``(*batch, T, S, I)``.
+
+    Returns:
+      ``StepJacobians(jacobians, input_jacobians, states, prev_states)``. Memory is
+      ``T * S**2`` per sequence: for large ``S`` use ``lyapunov_spectrum(matrix_free=True)``
+      or ``top_singular_values`` instead.
+
+    Example::
+
+      cell = seqjax.lstm(16); params = cell.init(key, 4)
+      J = step_jacobians(cell, params, xs).jacobians   # xs (B, T, 4) -> (B, T, 32, 32)
+    """
+    xs_bm = _batch_major(xs, time_axis)
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+    params, xs_bm, carry, _ = promote(params, xs_bm, carry)
+    nlead = xs_bm.ndim - 1
+
+    def core(params, xs_bm, carry):
+        prev, states = _trajectory(cell, params, xs_bm, carry)
+        jac = _jacobian_fn(cell, params, method)
+        J = _vmap_lead(jac, nlead)(prev, xs_bm)
+        Jx = None
+        if inputs:
+            f = _flat_step(cell, params, _like(cell, params))
+            Jx = _vmap_lead(jax.jacfwd(f, argnums=1), nlead)(prev, xs_bm)
+        return StepJacobians(J, Jx, states, prev)
+
+    if method == "analytic":
+        _jacobian_fn(cell, params, method)  # raise outside jit when there is no closed form
+    return jax.jit(core)(params, xs_bm, carry)

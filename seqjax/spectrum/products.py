@@ -1,0 +1,186 @@
+r"""Products of step Jacobians ``ds_T/ds_k = J_T J_{T-1} ... J_{k+1}`` without forming them.
+
+Every product is accumulated with its scale divided out at each step (normalisation or
+QR) and the log scale kept apart, so nothing overflows or underflows however long the
+sequence: the lag curve ``log ||ds_T/ds_{T-L}||``, the singular values and the
+eigenvalues of ``J_T ... J_1``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from seqjax.spectrum.linalg import eigvals
+from seqjax.spectrum.state import _vmap_lead
+
+__all__ = [
+    "lag_log_norms",
+    "product_singular_values",
+    "product_eigenvalues",
+]
+
+
+def _safe_normalise(m, n):
+    """``m / n`` with ``n == 0`` mapped to ``m`` (zero stays zero: no NaN)."""
+    n_safe = jnp.where(n > 0, n, jnp.ones_like(n))
+    return m / n_safe
+
+
+def lag_log_norms(
+    jacobians: jax.Array, *, ord: str | int = 2, cotangent: jax.Array | None = None
+) -> jax.Array:
+    r"""``log ||ds_T/ds_{T-L}||`` for every lag ``L = 1..T``: the vanishing/exploding curve.
+
+    ``ds_T/ds_{T-L} = J_T J_{T-1} ... J_{T-L+1}``, accumulated backwards from ``T`` with the
+    running product renormalised at every step and its log scale kept apart, so the result
+    is finite (or ``-inf`` for an exactly zero product) however long the sequence: no
+    overflow or underflow. With ``cotangent=v`` it returns ``log ||v^T ds_T/ds_{T-L}||``
+    instead: the norm of the backpropagated error ``dE/ds_{T-L}`` for ``dE/ds_T = v``
+    (Pascanu et al. 2013, eq. 5).
+
+    Args:
+      jacobians: ``(*batch, T, S, S)`` in time order ``J_1..J_T``.
+      ord: ``2`` (spectral norm, default) or ``"fro"``; ignored with ``cotangent``.
+      cotangent: optional ``(*batch, S)`` or ``(S,)``.
+
+    Returns:
+      ``(*batch, T)``: entry ``L - 1`` is the log norm at lag ``L`` (natural log).
+    """
+    J = jnp.asarray(jacobians)
+    if J.ndim < 3 or J.shape[-1] != J.shape[-2]:
+        raise ValueError(f"jacobians must be (*batch, T, S, S), got shape {tuple(J.shape)}.")
+    if ord not in (2, "fro"):
+        raise ValueError(f"ord must be 2 or 'fro', got {ord!r}.")
+    S = J.shape[-1]
+    batch = J.shape[:-3]
+
+    if cotangent is not None:
+        v = jnp.asarray(cotangent, J.dtype)
+        if v.shape not in ((S,), tuple(batch) + (S,)):
+            raise ValueError(
+                f"cotangent has shape {tuple(v.shape)} but needs ({S},) or {tuple(batch) + (S,)}."
+            )
+        v = jnp.broadcast_to(v.reshape((1,) * (len(batch) - v.ndim + 1) + v.shape), tuple(batch) + (S,))
+
+        def single_v(Js, v0):
+            n0 = jnp.linalg.norm(v0)
+            g0 = _safe_normalise(v0, n0)
+
+            def body(carry, Jt):
+                g, ls = carry
+                g = g @ Jt
+                n = jnp.linalg.norm(g)
+                ls = ls + jnp.log(n)
+                return (_safe_normalise(g, n), ls), ls
+
+            _, out = jax.lax.scan(body, (g0, jnp.log(n0)), Js, reverse=True)
+            return out[::-1]
+
+        return jax.jit(_vmap_lead(single_v, len(batch)))(J, v)
+
+    def single(Js):
+        def body(carry, Jt):
+            G, ls = carry
+            G = G @ Jt
+            n = jnp.linalg.norm(G, ord=2) if ord == 2 else jnp.linalg.norm(G)
+            ls = ls + jnp.log(n)
+            return (_safe_normalise(G, n), ls), ls
+
+        init = (jnp.eye(S, dtype=Js.dtype), jnp.zeros((), Js.dtype))
+        _, out = jax.lax.scan(body, init, Js, reverse=True)
+        return out[::-1]
+
+    return jax.jit(_vmap_lead(single, len(batch)))(J)
+
+
+def _random_frame(key, S, k, dtype):
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (S, k), dtype=jnp.float32).astype(dtype))
+    return q
+
+
+def product_singular_values(
+    jacobians: jax.Array, *, k: int | None = None, sweeps: int = 3, key: jax.Array | None = None
+) -> jax.Array:
+    r"""Log singular values of the product ``M = J_T ... J_1``, without forming it.
+
+    Orthogonal (subspace) iteration on ``M^T M`` with the product kept in factored form:
+    each forward pass computes ``Q_t R_t = J_t Q_{t-1}`` and each backward pass
+    ``Q_t R_t = J_t^T Q_{t-1}`` (every factor a QR, so nothing overflows). After ``sweeps``
+    forward/backward passes the frame holds the top-``k`` right singular vectors; a final
+    forward pass gives ``log sigma_i(M) = sum_t log |R_t[i, i]|``. Convergence per sweep is
+    geometric in ``(sigma_{i+1}/sigma_i)^2``, so long products (whose singular values
+    separate exponentially) converge in one or two sweeps; nearly degenerate ones need more.
+
+    Args:
+      jacobians: ``(*batch, T, S, S)``, ``J_1..J_T`` (slice a window to get its product).
+      k: how many leading singular values (default ``S``).
+      sweeps: forward/backward passes before the final one.
+      key: PRNG key of the random initial frame (default ``jax.random.key(0)``).
+
+    Returns:
+      ``(*batch, k)`` natural logs, decreasing (``-inf`` for exact zeros).
+    """
+    J = jnp.asarray(jacobians)
+    if J.ndim < 3 or J.shape[-1] != J.shape[-2]:
+        raise ValueError(f"jacobians must be (*batch, T, S, S), got shape {tuple(J.shape)}.")
+    S = J.shape[-1]
+    k = S if k is None else int(k)
+    if not 1 <= k <= S:
+        raise ValueError(f"k must lie in [1, S={S}], got {k}.")
+    Q0 = _random_frame(jax.random.key(0) if key is None else key, S, k, J.dtype)
+
+    def single(Js):
+        def fwd(Q, Jt):
+            Q, R = jnp.linalg.qr(Jt @ Q)
+            return Q, jnp.log(jnp.abs(jnp.diagonal(R)))
+
+        def bwd(Q, Jt):
+            Q, _ = jnp.linalg.qr(Jt.T @ Q)
+            return Q, None
+
+        def sweep(_, Q):
+            Q, _ = jax.lax.scan(fwd, Q, Js)
+            return jax.lax.scan(bwd, Q, Js, reverse=True)[0]
+
+        Q = jax.lax.fori_loop(0, sweeps, sweep, Q0)
+        _, logs = jax.lax.scan(fwd, Q, Js)
+        return jnp.sort(jnp.sum(logs, axis=0))[::-1]
+
+    return jax.jit(_vmap_lead(single, J.ndim - 3))(J)
+
+
+def product_eigenvalues(jacobians: jax.Array, *, host: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    r"""Eigenvalues of ``M = J_T ... J_1`` as ``(log|lambda|, angle)``, sorted by modulus.
+
+    The product is accumulated with its norm divided out at every step (log scale kept
+    apart), so it never overflows; eigenvalues smaller than about ``eps * ||M||`` are
+    rounding noise of that representation (``log|lambda|`` may be ``-inf`` for exact zeros).
+
+    Args:
+      jacobians: ``(*batch, T, S, S)``.
+      host: where to run the eigendecomposition (see ``eigvals``).
+
+    Returns:
+      ``(log_modulus: (*batch, S), angle: (*batch, S))`` in radians.
+    """
+    J = jnp.asarray(jacobians)
+    if J.ndim < 3 or J.shape[-1] != J.shape[-2]:
+        raise ValueError(f"jacobians must be (*batch, T, S, S), got shape {tuple(J.shape)}.")
+    S = J.shape[-1]
+
+    def single(Js):
+        def body(carry, Jt):
+            P, ls = carry
+            P = Jt @ P
+            n = jnp.linalg.norm(P)
+            return (_safe_normalise(P, n), ls + jnp.log(n)), None
+
+        (P, ls), _ = jax.lax.scan(body, (jnp.eye(S, dtype=Js.dtype), jnp.zeros((), Js.dtype)), Js)
+        return P, ls
+
+    P, ls = jax.jit(_vmap_lead(single, J.ndim - 3))(J)
+    w = eigvals(P, host=host)
+    logm = jnp.log(jnp.abs(w)) + ls[..., None]
+    order = jnp.argsort(-logm, axis=-1)
+    return jnp.take_along_axis(logm, order, axis=-1), jnp.take_along_axis(jnp.angle(w), order, axis=-1)
