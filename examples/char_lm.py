@@ -22,7 +22,7 @@ from seqjax import tasks
 from seqjax.layers import dense
 from seqjax.losses import softmax_cross_entropy
 from seqjax.seq2seq import generate, many_to_many
-from seqjax.train import clipped_adam, fit
+from seqjax.train import Logging, clipped_adam, fit
 
 
 def main(
@@ -78,8 +78,7 @@ def main(
         key=k_fit,
         steps=steps,
         batch_size=min(batch, len(data[0])),
-        log_every=max(1, steps // 10),
-        progress=progress,
+        logging=Logging(every=max(1, steps // 10), progress=progress),
         mesh=None,
     )
     params = result.state.params

@@ -29,7 +29,7 @@ from seqjax import tasks
 from seqjax.layers import dense
 from seqjax.losses import mse
 from seqjax.seq2seq import many_to_one
-from seqjax.train import clipped_adam, data_parallel_mesh, fit
+from seqjax.train import Logging, clipped_adam, data_parallel_mesh, fit
 
 
 def main(
@@ -65,7 +65,7 @@ def main(
         return mse(model.apply(p, xs)[:, 0], ys)
 
     data = functools.partial(tasks.adding_problem, n=batch, length=T)
-    common = dict(key=k_fit, steps=steps, log_every=max(1, steps // 5), progress=progress)
+    common = dict(key=k_fit, steps=steps, logging=Logging(every=max(1, steps // 5), progress=progress))
 
     t0 = time.perf_counter()
     sharded = fit(loss_fn, clipped_adam(1e-2), params, data, mesh=data_parallel_mesh(), **common)

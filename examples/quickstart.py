@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 import seqjax as sj
 from seqjax.tasks import ADDING_BASELINE_MSE, adding_problem
-from seqjax.train import clipped_adam, fit
+from seqjax.train import Evaluation, Logging, clipped_adam, fit
 
 
 def main(T: int = 30, hidden: int = 32, steps: int = 400, batch: int = 64, seed: int = 0):
@@ -45,8 +45,8 @@ def main(T: int = 30, hidden: int = 32, steps: int = 400, batch: int = 64, seed:
         key=k_fit,
         steps=steps,
         steps_per_call=20,  # 20 steps per compiled call (lax.scan over batches)
-        log_every=100,
-        eval_data=adding_problem(k_test, 1000, T),
+        logging=Logging(every=100),
+        evaluation=Evaluation(adding_problem(k_test, 1000, T)),  # a fixed test set, evaluated at each row
     )
     for row in result.history:
         print(

@@ -23,7 +23,7 @@ import seqjax as sj
 from seqjax.layers import dense
 from seqjax.losses import softmax_cross_entropy
 from seqjax.seq2seq import encoder_decoder, generate
-from seqjax.train import clipped_adam, fit
+from seqjax.train import Logging, clipped_adam, fit
 
 DIGITS = 10
 BOS, EOS, PAD = 10, 11, 0
@@ -100,8 +100,7 @@ def main(
         lambda k: make_batch(k, batch, min_len=min_len, max_len=max_len, task=task),
         key=k_fit,
         steps=steps,
-        log_every=max(1, steps // 10),
-        progress=progress,
+        logging=Logging(every=max(1, steps // 10), progress=progress),
         mesh=None,
     )
     params = result.state.params

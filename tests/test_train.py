@@ -18,7 +18,10 @@ from helpers import assert_trees_close
 import seqjax as sj
 from seqjax.tasks import ADDING_BASELINE_MSE, adding_problem
 from seqjax.train import (
+    Checkpoints,
     ClipState,
+    Evaluation,
+    Logging,
     NonFiniteError,
     TrainState,
     clipped,
@@ -221,8 +224,8 @@ def test_lstm_learns_adding_problem_below_baseline():
         key=jax.random.key(1),
         steps=400,
         steps_per_call=20,
-        log_every=100,
-        eval_data=test,
+        logging=Logging(every=100),
+        evaluation=Evaluation(test),
         mesh=None,
     )
     h = res.history
@@ -243,11 +246,12 @@ def test_fit_arrays_shuffle_epochs_history_files(tmp_path):
         key=jax.random.key(3),
         epochs=4,
         batch_size=8,  # 6 full batches per epoch; the last 2 examples are dropped
-        log_every=3,
-        eval_data=(x, y),
-        eval_batch_size=16,  # 16+16+16+2: the weighted mean must equal the full-batch loss
-        callbacks=[lambda row, st: rows.append((row["step"], int(st.step)))],
-        history_path=tmp_path / "h.json",
+        evaluation=Evaluation((x, y), batch_size=16),  # 16+16+16+2: weighted mean = full-batch loss
+        logging=Logging(
+            every=3,
+            callbacks=[lambda row, st: rows.append((row["step"], int(st.step)))],
+            history_path=tmp_path / "h.json",
+        ),
     )
     assert int(res.state.step) == 24
     assert [r["step"] for r in res.history] == list(range(3, 25, 3))
@@ -266,8 +270,7 @@ def test_fit_arrays_shuffle_epochs_history_files(tmp_path):
         key=jax.random.key(3),
         steps=4,
         batch_size=8,
-        log_every=2,
-        history_path=tmp_path / "h.csv",
+        logging=Logging(every=2, history_path=tmp_path / "h.csv"),
     )
     with open(tmp_path / "h.csv") as f:
         got = list(csv.DictReader(f))
@@ -291,7 +294,7 @@ def test_fit_shuffle_uses_each_example_once_per_epoch():
         key=jax.random.key(0),
         epochs=2,
         batch_size=bs,
-        log_every=3,
+        logging=Logging(every=3),
         mesh=None,
     )
     jax.effects_barrier()
@@ -303,13 +306,20 @@ def test_fit_shuffle_uses_each_example_once_per_epoch():
 def test_fit_fused_equals_single_and_fn_and_iterable_data():
     x, y = regression_data()
     p = linear_params(0)
-    kw = dict(key=jax.random.key(5), steps=12, batch_size=8, log_every=6, mesh=None)
+    kw = dict(key=jax.random.key(5), steps=12, batch_size=8, logging=Logging(every=6), mesh=None)
     a = fit(linear_loss, optax.adam(1e-2), p, (x, y), **kw)
     b = fit(linear_loss, optax.adam(1e-2), p, (x, y), steps_per_call=3, **kw)
     assert_trees_close(a.state.params, b.state.params, rtol=1e-6, atol=1e-7)  # scan vs calls: fusion order
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
     c = fit(
-        linear_loss, optax.adam(1e-2), p, batches, key=jax.random.key(0), epochs=2, log_every=6, mesh=None
+        linear_loss,
+        optax.adam(1e-2),
+        p,
+        batches,
+        key=jax.random.key(0),
+        epochs=2,
+        logging=Logging(every=6),
+        mesh=None,
     )
     assert_trees_close(
         c.state.params, manual_run(linear_loss, optax.adam(1e-2), p, batches * 2), rtol=1e-6, atol=1e-7
@@ -321,7 +331,7 @@ def test_fit_fused_equals_single_and_fn_and_iterable_data():
         iter(batches),
         key=jax.random.key(0),
         steps=100,
-        log_every=2,
+        logging=Logging(every=2),
         mesh=None,
     )
     assert int(d.state.step) == 6  # a one-shot iterator ends the run when it runs out
@@ -332,7 +342,7 @@ def test_fit_fused_equals_single_and_fn_and_iterable_data():
         lambda k: (jax.random.normal(k, (8, 3)), jnp.zeros((8, 2))),
         key=jax.random.key(0),
         steps=4,
-        log_every=2,
+        logging=Logging(every=2),
         mesh=None,
     )
     assert int(e.state.step) == 4
@@ -362,7 +372,7 @@ def test_fit_bad_input_raises_before_compute():
             key=jax.random.key(0),
             steps=2,
             batch_size=8,
-            eval_data=(x, y.astype(np.int32)),
+            evaluation=Evaluation((x, y.astype(np.int32))),
         )
     with pytest.raises(ValueError, match="exactly one of steps or epochs"):
         fit(loss, optax.sgd(0.1), p, (x, y), key=jax.random.key(0), batch_size=8)
@@ -401,9 +411,14 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     x, y = regression_data(n=40)
     p = linear_params(0)
     kw = dict(
-        key=jax.random.key(7), steps=14, batch_size=8, with_key=True, log_every=2, mesh=None, eval_data=(x, y)
+        key=jax.random.key(7),
+        steps=14,
+        batch_size=8,
+        with_key=True,
+        mesh=None,
+        evaluation=Evaluation((x, y)),
     )  # 5 batches per epoch: the run crosses epoch boundaries
-    full = fit(noisy_loss, clipped_adam(3e-2), p, (x, y), **kw)
+    full = fit(noisy_loss, clipped_adam(3e-2), p, (x, y), logging=Logging(every=2), **kw)
 
     def crash(row, state):
         if row["step"] == 10:
@@ -416,15 +431,20 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
             clipped_adam(3e-2),
             p,
             (x, y),
-            checkpoint_dir=d,
-            checkpoint_every=4,
-            callbacks=[crash],
+            checkpoints=Checkpoints(d, every=4),
+            logging=Logging(every=2, callbacks=[crash]),
             **kw,
         )
     st, meta = restore_checkpoint(d, init_train_state(p, clipped_adam(3e-2), key=jax.random.key(0)))
     assert int(st.step) == 8 and meta["position"] == [1, 3]
     resumed = fit(
-        noisy_loss, clipped_adam(3e-2), p, (x, y), checkpoint_dir=d, checkpoint_every=4, resume=True, **kw
+        noisy_loss,
+        clipped_adam(3e-2),
+        p,
+        (x, y),
+        checkpoints=Checkpoints(d, every=4, resume=True),
+        logging=Logging(every=2),
+        **kw,
     )
     chex.assert_trees_all_equal(resumed.state.params, full.state.params)
     chex.assert_trees_all_equal(resumed.state.opt_state, full.state.opt_state)
@@ -448,10 +468,9 @@ def test_nan_skip_leaves_params_as_if_batch_absent(tmp_path):
         epochs=1,
         batch_size=8,
         shuffle=False,
-        log_every=2,
+        logging=Logging(every=2),
         mesh=None,
-        checkpoint_dir=tmp_path / "c",
-        checkpoint_every=2,
+        checkpoints=Checkpoints(tmp_path / "c", every=2),
     )
     assert int(res.state.skipped) == 1 and int(res.state.step) == 6
     assert [r["skipped"] for r in res.history] == [0, 1, 1]
@@ -471,9 +490,11 @@ def test_nan_stop_names_step_and_last_good_checkpoint_survives(tmp_path):
     p = linear_params(0)
     opt = optax.adam(1e-2)
     d = tmp_path / "c"
-    kw = dict(key=jax.random.key(0), epochs=1, batch_size=8, shuffle=False, log_every=1, mesh=None)
+    kw = dict(
+        key=jax.random.key(0), epochs=1, batch_size=8, shuffle=False, logging=Logging(every=1), mesh=None
+    )
     with pytest.raises(NonFiniteError, match=r"at step 5 .*last good checkpoint is step 4") as e:
-        fit(linear_loss, opt, p, (x_bad, y), checkpoint_dir=d, checkpoint_every=2, on_nonfinite="stop", **kw)
+        fit(linear_loss, opt, p, (x_bad, y), checkpoints=Checkpoints(d, every=2), on_nonfinite="stop", **kw)
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
     good = manual_run(linear_loss, opt, p, batches[:4])
     assert e.value.step == 5 and e.value.checkpoint_step == 4
@@ -502,7 +523,7 @@ def test_max_skipped_raises():
             key=jax.random.key(0),
             steps=6,
             batch_size=8,
-            log_every=3,
+            logging=Logging(every=3),
             max_skipped=2,
             mesh=None,
         )
@@ -520,7 +541,7 @@ def test_train_state_is_a_pytree_and_progress_bar_is_optional(capsys):
         key=jax.random.key(0),
         steps=4,
         batch_size=8,
-        log_every=2,
+        logging=Logging(every=2),
         mesh=None,
     )
     assert capsys.readouterr().err == ""  # quiet when stderr is not a terminal
@@ -532,9 +553,8 @@ def test_train_state_is_a_pytree_and_progress_bar_is_optional(capsys):
         key=jax.random.key(0),
         steps=4,
         batch_size=8,
-        log_every=2,
+        logging=Logging(every=2, progress=True),
         mesh=None,
-        progress=True,
     )
     assert "4/4" in capsys.readouterr().err
 
@@ -550,7 +570,7 @@ def test_float64_training(x64):
         key=jax.random.key(0),
         steps=4,
         batch_size=8,
-        log_every=2,
+        logging=Logging(every=2),
         mesh=None,
     )
     assert res.state.params["w"].dtype == jnp.float64
@@ -572,9 +592,9 @@ def test_aux_metrics_reach_history_and_eval():
         key=jax.random.key(0),
         steps=4,
         batch_size=8,
-        log_every=2,
+        logging=Logging(every=2),
         has_aux=True,
-        eval_data=(x, y),
+        evaluation=Evaluation((x, y)),
         mesh=None,
     )
     p = res.state.params

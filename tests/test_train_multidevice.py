@@ -16,7 +16,8 @@ SCRIPT = textwrap.dedent(
     import json, jax, jax.numpy as jnp, numpy as np, optax
     jax.config.update("jax_numpy_rank_promotion", "raise")
     import seqjax as sj
-    from seqjax.train import clipped_adam, data_parallel_mesh, fit, make_train_step, init_train_state
+    from seqjax.train import (Evaluation, Logging, clipped_adam, data_parallel_mesh, fit, make_train_step,
+                              init_train_state)
 
     assert jax.device_count() == 4, jax.devices()
     cell = sj.rnn(8)
@@ -31,8 +32,8 @@ SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(0)
     xs = rng.normal(size=(64, 6, 3)).astype(np.float32)
     ys = np.stack([xs[:, :, 0].sum(1), xs[:, -1, 1]], -1).astype(np.float32)
-    kw = dict(key=jax.random.key(1), steps=12, batch_size=16, log_every=4,
-              eval_data=(xs, ys), eval_batch_size=30)  # 30, 30 (replicated), 4 (sharded)
+    kw = dict(key=jax.random.key(1), steps=12, batch_size=16, logging=Logging(every=4),
+              evaluation=Evaluation((xs, ys), batch_size=30))  # 30, 30 (replicated), 4 (sharded)
     auto = fit(loss, clipped_adam(1e-2), params, (xs, ys), **kw)           # mesh="auto": all 4 devices
     one = fit(loss, clipped_adam(1e-2), params, (xs, ys), mesh=None, **kw)
     mesh = data_parallel_mesh()
@@ -83,7 +84,7 @@ WORKER = textwrap.dedent(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
     import jax.numpy as jnp, numpy as np
-    from seqjax.train import clipped_adam, fit
+    from seqjax.train import Logging, clipped_adam, fit
 
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     rng = np.random.default_rng(0)
@@ -95,7 +96,7 @@ WORKER = textwrap.dedent(
         return jnp.mean((xx @ p["w"] - yy) ** 2)
 
     p = {"w": jnp.zeros((3, 2))}
-    kw = dict(key=jax.random.key(0), steps=6, batch_size=16, log_every=3)
+    kw = dict(key=jax.random.key(0), steps=6, batch_size=16, logging=Logging(every=3))
     multi = fit(loss, clipped_adam(1e-1), p, (x, y), **kw)  # mesh over both processes' devices
     one = fit(loss, clipped_adam(1e-1), p, (x, y), mesh=None, **kw)
     w = multi.state.params["w"]

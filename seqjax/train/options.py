@@ -1,0 +1,207 @@
+"""``fit``'s option groups: ``Evaluation``, ``Checkpoints``, ``Logging``.
+
+Each is a small frozen dataclass whose fields are checked when it is built, so a bad value
+is a ``ValueError`` naming the field (``Logging.every must be a positive integer, got 0.``)
+before any data is read. Constraints between groups and ``fit``'s own arguments (intervals
+that must be multiples of ``steps_per_call``) are checked by ``fit``.
+
+seqjax 0.1's ``fit`` took these as flat keywords; ``_old_keywords_error`` turns such a call
+into a ``TypeError`` that spells out the new form. Imports nothing of ``seqjax.train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from seqjax._util import positive_int
+
+__all__ = ["Evaluation", "Checkpoints", "Logging"]
+
+
+def _optional_positive(value: Any, name: str) -> int | None:
+    return None if value is None else positive_int(value, name)
+
+
+def _check_bool(value: Any, name: str, *, optional: bool = False) -> None:
+    if isinstance(value, bool) or (optional and value is None):
+        return
+    want = "True, False or None" if optional else "True or False"
+    raise ValueError(f"{name} must be {want}, got {value!r}.")
+
+
+def _check_path(value: Any, name: str, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, (str, os.PathLike)) or os.fspath(value) == "":
+        raise ValueError(f"{name} must be a path (a non-empty str or os.PathLike), got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Evaluation:
+    r"""Periodic evaluation during ``fit``: ``Evaluation(data, every=None, batch_size=None)``.
+
+    Each evaluation is ``evaluate(make_eval_step(loss_fn), params, batches of data)``: the
+    size-weighted mean :math:`\sum_j B_j M(b_j) / \sum_j B_j` of every metric (the loss
+    and the aux), reported in the history as ``eval_<name>``.
+
+    Attributes:
+      data: arrays (a pytree whose leaves share a leading example axis ``N``, with the
+        per-example shapes and dtypes of the training batches) or a finite iterable of
+        batches; not a function (an endless stream has no mean).
+      every: evaluate every ``every`` steps, a multiple of ``Logging.every`` (evaluations
+        are reported in the log rows); default ``None``: at every log row. There is always
+        an evaluation at the end.
+      batch_size: array data is read in batches of ``batch_size`` (the last one possibly
+        smaller); default: all at once up to 4096 examples, else ``fit``'s ``batch_size``.
+
+    Example::
+
+        fit(..., evaluation=Evaluation((x_val, y_val), every=500, batch_size=1024))
+    """
+
+    data: Any
+    every: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.data is None:
+            raise ValueError("Evaluation.data is required: arrays or a finite iterable of batches.")
+        if callable(self.data) and not isinstance(self.data, (list, tuple, dict)):
+            raise ValueError(
+                "Evaluation.data must be arrays or a finite iterable of batches, not a function "
+                "key -> batch (draw a fixed set once: Evaluation(make_batch(key, n)))."
+            )
+        _optional_positive(self.every, "Evaluation.every")
+        _optional_positive(self.batch_size, "Evaluation.batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoints:
+    """Checkpointing during ``fit``: ``Checkpoints(directory, every=None, keep=3, resume=False)``.
+
+    A checkpoint (orbax; see ``save_checkpoint``) holds params, optimizer state, step, key,
+    skipped count, the data position and the history. It is written every ``every`` steps
+    and at the end; a non-finite state is never written.
+
+    Attributes:
+      directory: where the checkpoints go (created if missing).
+      every: steps between checkpoints (a multiple of ``fit``'s ``steps_per_call``);
+        default ``None``: only at the end.
+      keep: how many of the newest checkpoints to keep (``None``: all).
+      resume: continue from the latest checkpoint in ``directory`` if there is one; the
+        result is bit-for-bit the uninterrupted run's.
+
+    Example::
+
+        fit(..., checkpoints=Checkpoints("runs/a/checkpoints", every=1000, resume=True))
+    """
+
+    directory: str | os.PathLike
+    every: int | None = None
+    keep: int | None = 3
+    resume: bool = False
+
+    def __post_init__(self):
+        _check_path(self.directory, "Checkpoints.directory", optional=False)
+        _optional_positive(self.every, "Checkpoints.every")
+        _optional_positive(self.keep, "Checkpoints.keep")
+        _check_bool(self.resume, "Checkpoints.resume")
+
+
+@dataclasses.dataclass(frozen=True)
+class Logging:
+    """What ``fit`` logs: ``Logging(every=50, history_path=None, progress=None, callbacks=())``.
+
+    Every ``every`` steps ``History`` appends a row of interval means, rewrites
+    ``history_path``, updates the progress bar and calls the callbacks.
+
+    Attributes:
+      every: steps between history rows (a multiple of ``fit``'s ``steps_per_call``).
+      history_path: a ``.json`` (list of rows) or ``.csv`` file rewritten atomically at
+        every row; default ``None``: not written.
+      progress: show a tqdm progress bar; default ``None``: only when stderr is a terminal.
+      callbacks: functions ``cb(row, state) -> bool | None`` called after each row; one
+        returning ``True`` stops training (a sequence; stored as a tuple).
+
+    Example::
+
+        fit(..., logging=Logging(every=100, history_path="runs/a/history.csv", progress=False))
+    """
+
+    every: int = 50
+    history_path: str | os.PathLike | None = None
+    progress: bool | None = None
+    callbacks: Sequence[Callable] = ()
+
+    def __post_init__(self):
+        positive_int(self.every, "Logging.every")
+        _check_path(self.history_path, "Logging.history_path", optional=True)
+        _check_bool(self.progress, "Logging.progress", optional=True)
+        if callable(self.callbacks) or isinstance(self.callbacks, (str, bytes)):
+            raise ValueError(
+                "Logging.callbacks must be a sequence of functions cb(row, state); "
+                "wrap a single one: callbacks=[cb]."
+            )
+        callbacks = tuple(self.callbacks)
+        for i, cb in enumerate(callbacks):
+            if not callable(cb):
+                raise ValueError(f"Logging.callbacks[{i}] must be callable as cb(row, state), got {cb!r}.")
+        object.__setattr__(self, "callbacks", callbacks)
+
+
+# --------------------------------------------------------------------------- 0.1 keywords
+
+# fit's 0.1 keyword -> (fit argument, option type, field)
+_OLD_KEYWORDS: dict[str, tuple[str, type, str]] = {
+    "eval_data": ("evaluation", Evaluation, "data"),
+    "eval_every": ("evaluation", Evaluation, "every"),
+    "eval_batch_size": ("evaluation", Evaluation, "batch_size"),
+    "checkpoint_dir": ("checkpoints", Checkpoints, "directory"),
+    "checkpoint_every": ("checkpoints", Checkpoints, "every"),
+    "keep_checkpoints": ("checkpoints", Checkpoints, "keep"),
+    "resume": ("checkpoints", Checkpoints, "resume"),
+    "log_every": ("logging", Logging, "every"),
+    "history_path": ("logging", Logging, "history_path"),
+    "progress": ("logging", Logging, "progress"),
+    "callbacks": ("logging", Logging, "callbacks"),
+}
+
+
+def _shown(value: Any) -> str:
+    """A short literal for the suggested call: simple values as written, anything else ``...``."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str) and len(value) <= 60:
+        return repr(value)
+    return "..."
+
+
+def _old_keywords_error(old: dict[str, Any]) -> TypeError:
+    """The ``TypeError`` for keywords ``fit`` does not take, spelling out 0.2's form of 0.1's."""
+    unknown = [k for k in old if k not in _OLD_KEYWORDS]
+    if unknown:
+        return TypeError(f"fit() got an unexpected keyword argument {unknown[0]!r}")
+    groups: dict[str, tuple[type, dict[str, Any]]] = {}
+    for name, value in old.items():
+        arg, cls, field = _OLD_KEYWORDS[name]
+        groups.setdefault(arg, (cls, {}))[1][field] = value
+    parts = []
+    for arg, (cls, given) in groups.items():
+        order = [f.name for f in dataclasses.fields(cls)]
+        fields = ", ".join(f"{f}={_shown(given[f])}" for f in order if f in given)
+        parts.append(f"{arg}={cls.__name__}({fields})")
+    renames = "; ".join(
+        f"{name}= -> {arg}={cls.__name__}({field}=...)"
+        for name, (arg, cls, field) in _OLD_KEYWORDS.items()
+        if name in old
+    )
+    return TypeError(
+        f"fit() no longer takes {', '.join(k + '=' for k in old)} (seqjax 0.1 keywords): since 0.2 "
+        f"they are grouped in option types. Write fit(..., {', '.join(parts)}) "
+        f"({renames}; the types import from seqjax.train)."
+    )
