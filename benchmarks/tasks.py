@@ -7,7 +7,8 @@ Synthetic tasks (``seqjax.tasks``):
 - copy task: accuracy on the recalled symbols against the memoryless 1/K.
 
 Cells: tanh RNN, IRNN (ReLU, identity-initialised ``W_h``; Le et al. 2015), LSTM (forget
-bias ``LSTM_FORGET_BIAS`` = 3) and GRU, each with a linear readout (``seqjax.tasks.sequence_model``), with the
+bias ``LSTM_FORGET_BIAS`` = 3) and GRU, each with a linear readout on every step
+(``task_model``: ``seqjax.seq2seq.many_to_many`` with a ``dense`` head), with the
 **same parameter budget** (the hidden size of each cell chosen so its parameter count is
 closest to the LSTM's at ``H_ref``) and the **same step budget** (same number of Adam
 steps, batch size, learning rate and global-norm clipping at 1, through
@@ -25,8 +26,9 @@ For every trained model the Jacobian story, on test sequences:
   added to every step's state.
 
 Real-data table: scikit-learn digits read pixel by pixel (64 steps), statsmodels sunspots
-(one step ahead, against persistence and AR), character-level LM on standard-library
-source text (bits per character against the unigram baseline, with a sample).
+(one step ahead, against persistence and AR: ``compare_sunspot_models``), character-level
+LM on standard-library source text (bits per character against the unigram baseline, with
+a sample: ``train_char_lm``, ``sample_text``).
 
 Seeds are fixed; the full mode runs every row with 3 seeds and reports mean ± std.
 """
@@ -36,7 +38,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -50,10 +52,15 @@ __all__ = [
     "CELLS",
     "settings",
     "make_cell",
+    "readout",
+    "task_model",
     "hidden_for_budget",
     "TASKS",
     "parse_only",
     "state_gradient_norms",
+    "compare_sunspot_models",
+    "train_char_lm",
+    "sample_text",
     "run",
     "to_markdown",
     "plot",
@@ -155,32 +162,44 @@ LSTM_FORGET_BIAS = 3.0
 
 
 def make_cell(kind: str, hidden: int, *, forget_bias: float | None = None) -> sj.Cell:
-    """The task cells: tanh ``rnn``, ``irnn``, ``lstm`` (forget bias ``LSTM_FORGET_BIAS``
-    unless given), ``gru``."""
-    if kind == "rnn":
-        return sj.rnn(hidden)
-    if kind == "irnn":
-        return sj.irnn(hidden)
+    """The task cells: the ``seqjax.cells`` builder ``kind`` of ``CELLS`` (tanh ``rnn``,
+    ``irnn``, ``lstm`` with forget bias ``LSTM_FORGET_BIAS`` unless given, ``gru``)."""
+    if kind not in CELLS:
+        raise ValueError(f"kind must be one of {CELLS}, got {kind!r}.")
     if kind == "lstm":
         return sj.lstm(hidden, forget_bias=LSTM_FORGET_BIAS if forget_bias is None else forget_bias)
-    if kind == "gru":
-        return sj.gru(hidden)
-    raise ValueError(f"kind must be one of {CELLS}, got {kind!r}.")
+    return getattr(sj.cells, kind)(hidden)
 
 
-def _n_params(model) -> int:
-    shapes = jax.eval_shape(model.init, jax.random.key(0))
+#: Scale of the readout weights at initialisation: ``W ~ N(0, READOUT_SCALE^2 / O_cell)``.
+READOUT_SCALE = 0.1
+
+
+def readout(output_size: int) -> sj.Pointwise:
+    """The per-step linear readout ``o_t = y_t W + b`` of the task models: ``dense`` with
+    ``W ~ N(0, READOUT_SCALE^2 / O_cell)`` (``scaled_gaussian``) and ``b = 0``."""
+    from seqjax.initializers import scaled_gaussian, zeros
+
+    return sj.dense(output_size, kernel_init=scaled_gaussian(READOUT_SCALE), bias_init=zeros)
+
+
+def task_model(cell: sj.Cell, output_size: int) -> sj.SeqModel:
+    """``cell`` with ``readout(output_size)`` on every step (``seqjax.seq2seq.many_to_many``):
+    ``init(key, input_size) -> {"body", "head"}``, ``apply(params, xs) -> (B, T, O)``."""
+    return sj.many_to_many(cell, readout(output_size))
+
+
+def _n_params(model, input_size: int) -> int:
+    shapes = jax.eval_shape(lambda k: model.init(k, input_size), jax.random.key(0))
     return int(sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes)))
 
 
 def hidden_for_budget(kind: str, input_size: int, output_size: int, budget: int) -> tuple[int, int]:
-    """The hidden size whose model (cell + readout, ``seqjax.tasks.sequence_model``) has the
-    parameter count closest to ``budget`` (the count grows with ``H``: bisection); returns
-    ``(H, count)``."""
-    from seqjax.tasks import sequence_model
+    """The hidden size whose model (cell + readout, ``task_model``) has the parameter count
+    closest to ``budget`` (the count grows with ``H``: bisection); returns ``(H, count)``."""
 
     def count(H):
-        return _n_params(sequence_model(make_cell(kind, H), input_size, output_size))
+        return _n_params(task_model(make_cell(kind, H), output_size), input_size)
 
     lo, hi = 1, 2
     while count(hi) < budget:
@@ -197,34 +216,36 @@ def hidden_for_budget(kind: str, input_size: int, output_size: int, budget: int)
 # --------------------------------------------------------------------------- Jacobian story
 
 
-def state_gradient_norms(model, params, xs, loss_of_outputs: Callable) -> np.ndarray:
-    """``||dL/ds_t||`` for every step ``t`` (one backward pass, ``seqjax.bptt.gradient_norms``),
-    ``L = loss_of_outputs(outs)`` with ``outs`` the readout of every step; ``s_t`` the whole
-    carry (``(h, c)`` for the LSTM). Returns ``(T,)`` (norms over the batch and the state)."""
-    b = params["b_out"]
+def state_gradient_norms(cell, params, xs, loss_of_outputs: Callable) -> np.ndarray:
+    """``||dL/ds_t||`` for every step ``t`` (one backward pass, ``seqjax.bptt.gradient_norms``)
+    of a ``task_model(cell, O)`` with params ``{"body", "head"}``: ``L = loss_of_outputs(outs)``
+    with ``outs`` the readout of every step; ``s_t`` the whole carry (``(h, c)`` for the
+    LSTM). Returns ``(T,)`` (norms over the batch and the state)."""
+    head = readout(params["head"]["w"].shape[-1])
 
     def loss(ys):
-        return loss_of_outputs(ys @ params["w_out"] + b.reshape((1, 1) + b.shape))
+        return loss_of_outputs(head.apply(params["head"], ys))
 
-    gn = jax.jit(lambda p, x: sj.gradient_norms(model.cell, p, x, loss))(params["cell"], xs)
+    gn = jax.jit(lambda p, x: sj.gradient_norms(cell, p, x, loss))(params["body"], xs)
     return np.asarray(jnp.sqrt(jnp.sum(gn.norms**2, axis=0)))
 
 
-def jacobian_story(kind, model, params, xs, loss_of_outputs) -> dict[str, Any]:
+def jacobian_story(kind, cell, params, xs, loss_of_outputs) -> dict[str, Any]:
     """Spectral radius of ``W_h`` (Elman cells), mean ``rho(J_t)``, ``lambda_max`` and the
-    log10 gradient-norm ratio first/last step, for a trained model on test inputs ``xs``."""
+    log10 gradient-norm ratio first/last step, for a trained ``task_model(cell, O)`` (params
+    ``{"body", "head"}``) on test inputs ``xs``."""
     out: dict[str, Any] = {}
-    p_cell = params["cell"]
+    p_cell = params["body"]
     if kind in ("rnn", "irnn"):
         out["rho_Wh"] = float(np.max(np.abs(np.linalg.eigvals(np.asarray(p_cell["w_h"], np.float64)))))
     spec = common.optional_import("seqjax.spectrum")
     if spec is not None:
-        J = spec.step_jacobians(model.cell, p_cell, xs).jacobians
+        J = spec.step_jacobians(cell, p_cell, xs).jacobians
         out["rho_J_mean"] = float(jnp.mean(spec.spectral_radii(J)))
         del J
-        ly = spec.lyapunov_spectrum(model.cell, p_cell, xs, k=1)
+        ly = spec.lyapunov_spectrum(cell, p_cell, xs, k=1)
         out["lambda_max"] = float(jnp.mean(ly.exponents[..., 0]))
-    gn = state_gradient_norms(model, params, xs, loss_of_outputs)
+    gn = state_gradient_norms(cell, params, xs, loss_of_outputs)
     # float32 underflow: a gradient that vanished below ~1e-38 at the first step is exactly 0
     out["grad_underflow"] = bool(gn[0] == 0.0)
     ok = gn[0] > 0 and gn[-1] > 0
@@ -237,7 +258,7 @@ def jacobian_story(kind, model, params, xs, loss_of_outputs) -> dict[str, Any]:
 
 
 def _train(loss, model, params, data_fn, eval_data, steps, s, key):
-    from seqjax.train import clipped_adam, fit
+    from seqjax.train import Evaluation, Logging, clipped_adam, fit
 
     spc = math.gcd(steps, s["eval_every"])
     t0 = time.perf_counter()
@@ -248,21 +269,19 @@ def _train(loss, model, params, data_fn, eval_data, steps, s, key):
         data_fn,
         key=key,
         steps=steps,
-        eval_data=eval_data,
-        eval_every=s["eval_every"],
-        eval_batch_size=len(eval_data[0]),
-        log_every=s["eval_every"],
+        evaluation=Evaluation(eval_data, every=s["eval_every"], batch_size=len(eval_data[0])),
+        logging=Logging(every=s["eval_every"], progress=False),
         steps_per_call=spc,
-        progress=False,
         mesh=None,
     )
     return res, time.perf_counter() - t0
 
 
 def _adding_run(kind, T, seed, s, H, log):
-    from seqjax.tasks import ADDING_BASELINE_MSE, adding_problem, sequence_model
+    from seqjax.tasks import ADDING_BASELINE_MSE, adding_problem
 
-    model = sequence_model(make_cell(kind, H), 2, 1)
+    cell = make_cell(kind, H)
+    model = task_model(cell, 1)
     key = jax.random.key(1000 * seed + T)
     k_init, k_fit = jax.random.split(key)
     test = adding_problem(jax.random.key(10_000 + T), s["n_test"], T)
@@ -275,7 +294,7 @@ def _adding_run(kind, T, seed, s, H, log):
     def data(k):
         return adding_problem(k, s["batch"], T)
 
-    res, wall = _train(loss, model, model.init(k_init), data, test, s["steps"], s, k_fit)
+    res, wall = _train(loss, model, model.init(k_init, 2), data, test, s["steps"], s, k_fit)
     params = res.state.params
     mse = float(jax.jit(loss)(params, test))
     hit = next(
@@ -283,7 +302,7 @@ def _adding_run(kind, T, seed, s, H, log):
     )
     n = s["jac_seqs"]
     xs_j, ys_j = test[0][:n], test[1][:n]
-    story = jacobian_story(kind, model, params, xs_j, lambda outs: jnp.mean((outs[:, -1, 0] - ys_j) ** 2))
+    story = jacobian_story(kind, cell, params, xs_j, lambda outs: jnp.mean((outs[:, -1, 0] - ys_j) ** 2))
     log(
         f"  adding T={T} {kind} seed={seed}: test MSE {mse:.4f} "
         f"(baseline {ADDING_BASELINE_MSE:.3f}), {wall:.0f} s"
@@ -305,11 +324,12 @@ def _adding_run(kind, T, seed, s, H, log):
 
 
 def _copy_run(kind, seed, s, H, log):
-    from seqjax.tasks import copy_task, copy_task_baseline, sequence_model
+    from seqjax.tasks import copy_task, copy_task_baseline
 
     c = s["copy"]
     L, K = c["length"], c["num_symbols"]
-    model = sequence_model(make_cell(kind, H), K + 2, K + 2)
+    cell = make_cell(kind, H)
+    model = task_model(cell, K + 2)
     key = jax.random.key(2000 * seed + 7)
     k_init, k_fit = jax.random.split(key)
     test = copy_task(jax.random.key(20_000), s["n_test"], **c)
@@ -327,7 +347,7 @@ def _copy_run(kind, seed, s, H, log):
     def data(k):
         return copy_task(k, s["batch"], **c)
 
-    res, wall = _train(loss, model, model.init(k_init), data, test, s["copy_steps"], s, k_fit)
+    res, wall = _train(loss, model, model.init(k_init, K + 2), data, test, s["copy_steps"], s, k_fit)
     params = res.state.params
     a = float(jax.jit(acc)(params, test))
     ce = float(jax.jit(loss)(params, test))
@@ -338,7 +358,7 @@ def _copy_run(kind, seed, s, H, log):
         logp = jax.nn.log_softmax(outs[:, -L:], axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, ys_j[:, -L:, None], axis=-1))
 
-    story = jacobian_story(kind, model, params, xs_j, recall_loss)
+    story = jacobian_story(kind, cell, params, xs_j, recall_loss)
     log(f"  copy {kind} seed={seed}: recall accuracy {a:.3f} (baseline {1 / K:.3f}), {wall:.0f} s")
     return {
         "task": "copy",
@@ -360,10 +380,10 @@ def _copy_run(kind, seed, s, H, log):
 
 
 def _digits_run(kind, seed, s, H, log):
-    from seqjax.tasks import digits, sequence_model
+    from seqjax.tasks import digits
 
     d = digits(mode="pixels", seed=0)
-    model = sequence_model(make_cell(kind, H), 1, 10)
+    model = task_model(make_cell(kind, H), 10)
     key = jax.random.key(3000 * seed + 1)
     k_init, k_fit = jax.random.split(key)
 
@@ -372,19 +392,18 @@ def _digits_run(kind, seed, s, H, log):
         logp = jax.nn.log_softmax(model.apply(p, xs)[:, -1], axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, ys[:, None], axis=-1))
 
-    from seqjax.train import clipped_adam, fit
+    from seqjax.train import Logging, clipped_adam, fit
 
     t0 = time.perf_counter()
     res = fit(
         loss,
         clipped_adam(s["lr"]),
-        model.init(k_init),
+        model.init(k_init, 1),
         (d.x_train, d.y_train),
         key=k_fit,
         steps=s["digits_steps"],
         batch_size=min(64, len(d.y_train)),
-        log_every=s["digits_steps"],
-        progress=False,
+        logging=Logging(every=s["digits_steps"], progress=False),
         mesh=None,
     )
     wall = time.perf_counter() - t0
@@ -406,9 +425,108 @@ def _digits_run(kind, seed, s, H, log):
     }
 
 
-def _sunspot_rows(seed, s, log):
-    from seqjax.tasks import compare_sunspot_models
+def compare_sunspot_models(
+    *,
+    key: jax.Array,
+    lags: int = 9,
+    hidden: int = 8,
+    steps: int = 2000,
+    models: Sequence[str] = ("ar", "tdnn", "narx", "rnn", "lstm", "gru"),
+    window: int = 40,
+    learning_rate: float = 1e-2,
+    data: Any = None,
+) -> dict[str, dict[str, float]]:
+    r"""AR, time-delay (TDNN), NARX and recurrent models on sunspots, one step ahead on held-out years.
 
+    Every model predicts :math:`x_{t+1}` from :math:`x_{\le t}`. AR(``lags``) is fitted by
+    least squares (``seqjax.tasks.ar_fit``); the networks (``task_model`` of ``tdnn(hidden, lags)``,
+    ``narx(hidden, lags)``, ``rnn``/``lstm``/``gru(hidden)``) are trained with
+    ``seqjax.train.fit`` (Adam, global-norm clipping at 1) on all training windows of
+    ``window`` steps (MSE after a warm-up of ``lags`` steps), then run over the whole series
+    from a zero state; the test error is over the held-out years only. Also reported:
+    persistence (:math:`\hat x_{t+1} = x_t`).
+
+    Args:
+      key: PRNG key of the networks' initialisation and training.
+      lags: ``p`` of AR(p), TDNN and NARX, and the warm-up steps of the loss.
+      hidden: hidden units of every network.
+      steps: Adam steps per network.
+      models: which of ``ar``, ``tdnn``, ``narx``, ``rnn``, ``lstm``, ``gru`` to run.
+      window: training window length.
+      learning_rate: Adam learning rate.
+      data: a ``seqjax.tasks.SeriesData`` (default ``seqjax.tasks.sunspots()``).
+
+    Returns:
+      ``{name: {"test_mse", "test_nmse", "train_mse", "seconds"}}`` in the scaled units;
+      ``test_nmse = test_mse / Var(test targets)`` (below 1 beats the test mean).
+    """
+    from seqjax import cells as C
+    from seqjax.tasks import ar_fit, ar_predict, sunspots
+    from seqjax.train import Logging, clipped_adam, fit
+
+    d = sunspots() if data is None else data
+    x = d.values.astype(np.float64)
+    tr, end = d.n_train, d.n_test_end
+    y_test = x[tr:end]
+    var = float(np.var(y_test))
+
+    def scores(pred_next):  # pred_next[t] predicts x[t+1], t = 0..end-2
+        e_tr = pred_next[lags - 1 : tr - 1] - x[lags:tr]
+        e_te = pred_next[tr - 1 : end - 1] - y_test
+        mse = float(np.mean(e_te**2))
+        return {"test_mse": mse, "test_nmse": mse / var, "train_mse": float(np.mean(e_tr**2))}
+
+    out: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    out["persistence"] = {**scores(x[: end - 1]), "seconds": time.perf_counter() - t0}
+    makers = {
+        "tdnn": lambda: C.tdnn(hidden, lags),
+        "narx": lambda: C.narx(hidden, lags),
+        "rnn": lambda: C.rnn(hidden),
+        "lstm": lambda: C.lstm(hidden, forget_bias=1.0),
+        "gru": lambda: C.gru(hidden),
+    }
+    starts = np.arange(0, tr - window)  # windows x[s : s + window] -> targets x[s+1 : s+window+1]
+    xs_tr = np.stack([x[s : s + window] for s in starts])[..., None].astype(np.float32)
+    ys_tr = np.stack([x[s + 1 : s + window + 1] for s in starts]).astype(np.float32)
+    for i, name in enumerate(models):
+        t0 = time.perf_counter()
+        if name == "ar":
+            coef = ar_fit(x[:tr], lags)
+            pred = np.full(end - 1, np.nan)
+            pred[lags - 1 :] = ar_predict(coef, x[:end])
+            out["ar"] = {**scores(pred), "seconds": time.perf_counter() - t0}
+            continue
+        if name not in makers:
+            raise ValueError(f"unknown model {name!r}; choose from {['ar', *makers]}.")
+        model = task_model(makers[name](), 1)
+        k_init, k_fit = jax.random.split(jax.random.fold_in(key, i))
+        params = model.init(k_init, 1)
+
+        def loss(p, batch, model=model):
+            xs, ys = batch
+            pred = model.apply(p, xs)[..., 0]
+            return jnp.mean((pred[:, lags:] - ys[:, lags:]) ** 2)
+
+        res = fit(
+            loss,
+            clipped_adam(learning_rate),
+            params,
+            (xs_tr, ys_tr),
+            key=k_fit,
+            steps=steps,
+            batch_size=min(32, len(starts)),
+            logging=Logging(every=steps, progress=False),
+            mesh=None,
+        )
+        pred = np.asarray(model.apply(res.state.params, jnp.asarray(x[None, : end - 1, None], jnp.float32)))[
+            0, :, 0
+        ]
+        out[name] = {**scores(pred.astype(np.float64)), "seconds": time.perf_counter() - t0}
+    return out
+
+
+def _sunspot_rows(seed, s, log):
     t0 = time.perf_counter()
     out = compare_sunspot_models(
         key=jax.random.key(4000 + seed), steps=s["sunspot_steps"], models=s["sunspot_models"]
@@ -433,23 +551,121 @@ def _sunspot_rows(seed, s, log):
     return rows
 
 
+def train_char_lm(
+    corpus: Any,
+    cell: sj.Cell,
+    *,
+    key: jax.Array,
+    seq_len: int = 64,
+    batch_size: int = 32,
+    steps: int = 1000,
+    learning_rate: float = 3e-3,
+    **fit_kwargs: Any,
+) -> tuple[Any, dict[str, float]]:
+    """Train a character-level language model: one-hot input, ``cell``, linear readout on
+    every step (``task_model(cell, V)``), cross-entropy on the next character, Adam with
+    global-norm clipping at 1 (``seqjax.train.fit``) on ``char_windows(corpus.train, seq_len)``.
+
+    Args:
+      corpus: a ``seqjax.tasks.CharCorpus``.
+      cell: the cell.
+      key: PRNG key.
+      seq_len, batch_size, steps, learning_rate: the usual.
+      **fit_kwargs: passed to ``seqjax.train.fit``.
+
+    Returns:
+      ``(params, scores)``: the ``task_model`` params and
+      ``scores = {"valid_bpc", "unigram_bpc", "train_bpc"}`` (bits per character).
+    """
+    from seqjax.tasks import bits_per_char, char_windows, unigram_bits_per_char
+    from seqjax.train import Logging, clipped_adam, fit
+
+    V = len(corpus.vocab)
+    model = task_model(cell, V)
+    k_init, k_fit = jax.random.split(key)
+
+    def loss(p, batch):
+        x, y = batch
+        return bits_per_char(model.apply(p, jax.nn.one_hot(x, V)), y) * math.log(2.0)  # nats
+
+    data = char_windows(corpus.train, seq_len)
+    fit_kwargs.setdefault("logging", Logging(progress=False))
+    res = fit(
+        loss,
+        clipped_adam(learning_rate),
+        model.init(k_init, V),
+        data,
+        key=k_fit,
+        steps=steps,
+        batch_size=batch_size,
+        **fit_kwargs,
+    )
+    params = res.state.params
+    ev = jax.jit(lambda p, x, y: bits_per_char(model.apply(p, jax.nn.one_hot(x, V)), y))
+    vx, vy = char_windows(corpus.valid, seq_len)
+    scores = {
+        "valid_bpc": float(ev(params, vx, vy)),
+        "train_bpc": float(ev(params, *(a[: 4 * batch_size] for a in data))),
+        "unigram_bpc": unigram_bits_per_char(corpus.train, corpus.valid, V),
+    }
+    return params, scores
+
+
+def sample_text(
+    cell: sj.Cell,
+    params: Any,
+    vocab: str,
+    prompt: str,
+    num_chars: int,
+    *,
+    key: jax.Array,
+    temperature: float = 1.0,
+) -> str:
+    """Sample ``num_chars`` characters after ``prompt`` from a character model trained by
+    ``train_char_lm`` (``cell`` and its params).
+
+    Uses ``seqjax.seq2seq.generate`` (one-hot feedback of each sampled character; the
+    whole loop is one ``unroll`` under ``jit``).
+    """
+    from seqjax._util import positive_int
+    from seqjax.seq2seq import generate
+
+    lut = {c: i for i, c in enumerate(vocab)}
+    missing = sorted(set(prompt) - set(lut))
+    if not prompt or missing:
+        raise ValueError(f"prompt must be non-empty and use only vocabulary characters; unknown: {missing}.")
+    V = len(vocab)
+    ids = jnp.asarray([lut[c] for c in prompt], jnp.int32)
+    head = readout(V)
+    _, toks = generate(
+        cell,
+        params["body"],
+        lambda y: head.apply(params["head"], y),
+        jax.nn.one_hot(ids, V)[None],
+        positive_int(num_chars, "num_chars"),
+        key=key,
+        temperature=temperature,
+    )
+    return "".join(vocab[int(i)] for i in np.asarray(toks[0]))
+
+
 def _char_run(kind, seed, s, log):
-    from seqjax.tasks import char_corpus, sample_text, train_char_lm
+    from seqjax.tasks import char_corpus
+    from seqjax.train import Logging
 
     corpus = char_corpus()
     t0 = time.perf_counter()
     cell = make_cell(kind, s["char_hidden"])
-    model, params, scores = train_char_lm(
+    params, scores = train_char_lm(
         corpus,
+        cell,
         key=jax.random.key(5000 + seed),
-        cell=cell,
-        hidden=s["char_hidden"],
         steps=s["char_steps"],
         mesh=None,
-        log_every=s["char_steps"],
+        logging=Logging(every=s["char_steps"], progress=False),
     )
     wall = time.perf_counter() - t0
-    sample = sample_text(model, params, corpus.vocab, "def ", 120, key=jax.random.key(seed), temperature=0.8)
+    sample = sample_text(cell, params, corpus.vocab, "def ", 120, key=jax.random.key(seed), temperature=0.8)
     log(
         f"  char-LM {kind} seed={seed}: valid {scores['valid_bpc']:.3f} bpc (unigram "
         f"{scores['unigram_bpc']:.3f}), {wall:.0f} s"
@@ -626,8 +842,6 @@ def run(
         )
     if sel is not None:
         result["notes"].append(f"Only the jobs selected by {', '.join(only)} were run.")
-    from seqjax.tasks import sequence_model
-
     # parameter budgets
     budgets = {}
     for task, (I, O) in {
@@ -635,7 +849,7 @@ def run(
         "copy": (s["copy"]["num_symbols"] + 2,) * 2,
         "digits": (1, 10),
     }.items():
-        ref = _n_params(sequence_model(make_cell("lstm", s["H_ref"]), I, O))
+        ref = _n_params(task_model(make_cell("lstm", s["H_ref"]), O), I)
         budgets[task] = {k: hidden_for_budget(k, I, O, ref) for k in CELLS}
         budgets[task]["budget"] = ref
     result["budgets"] = {

@@ -12,9 +12,10 @@ task                      data                                            memory
 ``char_corpus``           Python standard-library sources                 unigram bits per char
 ========================  ==============================================  =========================
 
-``digits`` needs scikit-learn and ``sunspots`` statsmodels (the ``tasks`` extra). The
-helpers ``sequence_model`` (a cell with a linear readout on every step) and
-``compare_sunspot_models`` / ``train_char_lm`` are what the benchmark suite calls.
+``digits`` needs scikit-learn and ``sunspots`` statsmodels (the ``tasks`` extra). This
+module holds data and the baselines that need no training (``ar_fit``/``ar_predict``,
+``unigram_bits_per_char``); models trained on the tasks and their comparisons live in the
+benchmark suite (``benchmarks/tasks.py``) and the examples.
 """
 
 from __future__ import annotations
@@ -22,17 +23,14 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
-import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from seqjax._util import positive_int
-from seqjax.cells import Cell
-from seqjax.unroll import unroll
 
 __all__ = [
     "ADDING_BASELINE_MSE",
@@ -45,9 +43,6 @@ __all__ = [
     "sunspots",
     "ar_fit",
     "ar_predict",
-    "compare_sunspot_models",
-    "SequenceModel",
-    "sequence_model",
     "CharCorpus",
     "STDLIB_MODULES",
     "stdlib_text",
@@ -55,15 +50,10 @@ __all__ = [
     "char_windows",
     "bits_per_char",
     "unigram_bits_per_char",
-    "train_char_lm",
-    "sample_text",
 ]
 
 ADDING_BASELINE_MSE = 1.0 / 6.0
 """MSE of always predicting 1 on the adding problem: ``Var(u_a + u_b) = 2/12``."""
-
-
-_pos_int = positive_int
 
 
 # --------------------------------------------------------------------------- adding problem
@@ -121,8 +111,8 @@ def adding_problem(key: jax.Array, n: int, length: int) -> tuple[jax.Array, jax.
 
         fit(loss, opt, params, functools.partial(adding_problem, n=64, length=50), key=key, steps=500)
     """
-    n = _pos_int(n, "n")
-    length = _pos_int(length, "length")
+    n = positive_int(n, "n")
+    length = positive_int(length, "length")
     if length < 2:
         raise ValueError(f"length must be at least 2 (one marker per half), got {length}.")
     return _adding(key, n, length)
@@ -180,10 +170,10 @@ def copy_task(
     """
     return _copy(
         key,
-        _pos_int(n, "n"),
-        _pos_int(length, "length"),
-        _pos_int(delay, "delay"),
-        _pos_int(num_symbols, "num_symbols"),
+        positive_int(n, "n"),
+        positive_int(length, "length"),
+        positive_int(delay, "delay"),
+        positive_int(num_symbols, "num_symbols"),
     )
 
 
@@ -231,49 +221,6 @@ def digits(*, mode: str = "rows", test_fraction: float = 0.25, seed: int = 0) ->
     n_test = int(round(test_fraction * x.shape[0]))
     te, tr = perm[:n_test], perm[n_test:]
     return Split(x[tr], y[tr], x[te], y[te])
-
-
-# --------------------------------------------------------------------------- models
-
-
-class SequenceModel(NamedTuple):
-    """A cell with a linear readout on every step: ``o_t = y_t W + b``.
-
-    Attributes:
-      init: ``key -> {"cell": ..., "w_out": (O_cell, O), "b_out": (O,)}``.
-      apply: ``(params, xs (*batch, T, I)) -> (*batch, T, O)``.
-      cell: the cell.
-    """
-
-    init: Callable
-    apply: Callable
-    cell: Cell
-
-
-def sequence_model(
-    cell: Cell, input_size: int, output_size: int, *, readout_scale: float = 0.1
-) -> SequenceModel:
-    """``cell`` followed by a linear readout applied at every step (see ``SequenceModel``).
-
-    The readout weights are ``readout_scale * N(0, 1) / sqrt(O_cell)``, the bias zero.
-    """
-    input_size = _pos_int(input_size, "input_size")
-    output_size = _pos_int(output_size, "output_size")
-
-    def init(key):
-        k_c, k_o = jax.random.split(key)
-        p_cell = cell.init(k_c, input_size)
-        probe = jax.eval_shape(lambda p: unroll(cell, p, jnp.zeros((1, 1, input_size)))[1], p_cell)
-        o_cell = probe.shape[-1]
-        w = readout_scale * jax.random.normal(k_o, (o_cell, output_size)) / math.sqrt(o_cell)
-        return {"cell": p_cell, "w_out": w, "b_out": jnp.zeros((output_size,))}
-
-    def apply(params, xs):
-        _, ys = unroll(cell, params["cell"], xs)
-        b = params["b_out"]
-        return ys @ params["w_out"] + b.reshape((1,) * (ys.ndim - 1) + b.shape)
-
-    return SequenceModel(init, apply, cell)
 
 
 # --------------------------------------------------------------------------- sunspots
@@ -343,7 +290,7 @@ def ar_fit(x: np.ndarray, p: int) -> np.ndarray:
       OLS layout).
     """
     x = np.asarray(x, np.float64)
-    p = _pos_int(p, "p")
+    p = positive_int(p, "p")
     if len(x) <= 2 * p:
         raise ValueError(f"x has {len(x)} values; AR({p}) needs more than {2 * p}.")
     coef, *_ = np.linalg.lstsq(_lag_matrix(x, p), x[p:], rcond=None)
@@ -354,97 +301,6 @@ def ar_predict(coef: np.ndarray, x: np.ndarray) -> np.ndarray:
     """One-step-ahead AR predictions of ``x[p:]`` from the true past values: ``(N - p,)``."""
     p = len(coef) - 1
     return _lag_matrix(np.asarray(x, np.float64), p) @ coef
-
-
-def compare_sunspot_models(
-    *,
-    key: jax.Array,
-    lags: int = 9,
-    hidden: int = 8,
-    steps: int = 2000,
-    models: Sequence[str] = ("ar", "tdnn", "narx", "rnn", "lstm", "gru"),
-    window: int = 40,
-    learning_rate: float = 1e-2,
-    data: SeriesData | None = None,
-) -> dict[str, dict[str, float]]:
-    r"""AR, time-delay (TDNN), NARX and recurrent models on sunspots, one step ahead on held-out years.
-
-    Every model predicts :math:`x_{t+1}` from :math:`x_{\le t}`. AR(``lags``) is fitted by
-    least squares (``ar_fit``); the networks (``sequence_model`` of ``tdnn(hidden, lags)``,
-    ``narx(hidden, lags)``, ``rnn``/``lstm``/``gru(hidden)``) are trained with
-    ``seqjax.train.fit`` (Adam, global-norm clipping at 1) on all training windows of
-    ``window`` steps (MSE after a warm-up of ``lags`` steps), then run over the whole series
-    from a zero state; the test error is over the held-out years only. Also reported:
-    persistence (:math:`\hat x_{t+1} = x_t`).
-
-    Returns:
-      ``{name: {"test_mse", "test_nmse", "train_mse", "seconds"}}`` in the scaled units;
-      ``test_nmse = test_mse / Var(test targets)`` (below 1 beats the test mean).
-    """
-    from seqjax import cells as C
-    from seqjax.train import clipped_adam, fit
-
-    d = sunspots() if data is None else data
-    x = d.values.astype(np.float64)
-    tr, end = d.n_train, d.n_test_end
-    y_test = x[tr:end]
-    var = float(np.var(y_test))
-
-    def scores(pred_next):  # pred_next[t] predicts x[t+1], t = 0..end-2
-        e_tr = pred_next[lags - 1 : tr - 1] - x[lags:tr]
-        e_te = pred_next[tr - 1 : end - 1] - y_test
-        mse = float(np.mean(e_te**2))
-        return {"test_mse": mse, "test_nmse": mse / var, "train_mse": float(np.mean(e_tr**2))}
-
-    out: dict[str, dict[str, float]] = {}
-    t0 = time.perf_counter()
-    out["persistence"] = {**scores(x[: end - 1]), "seconds": time.perf_counter() - t0}
-    makers = {
-        "tdnn": lambda: C.tdnn(hidden, lags),
-        "narx": lambda: C.narx(hidden, lags),
-        "rnn": lambda: C.rnn(hidden),
-        "lstm": lambda: C.lstm(hidden, forget_bias=1.0),
-        "gru": lambda: C.gru(hidden),
-    }
-    starts = np.arange(0, tr - window)  # windows x[s : s + window] -> targets x[s+1 : s+window+1]
-    xs_tr = np.stack([x[s : s + window] for s in starts])[..., None].astype(np.float32)
-    ys_tr = np.stack([x[s + 1 : s + window + 1] for s in starts]).astype(np.float32)
-    for i, name in enumerate(models):
-        t0 = time.perf_counter()
-        if name == "ar":
-            coef = ar_fit(x[:tr], lags)
-            pred = np.full(end - 1, np.nan)
-            pred[lags - 1 :] = ar_predict(coef, x[:end])
-            out["ar"] = {**scores(pred), "seconds": time.perf_counter() - t0}
-            continue
-        if name not in makers:
-            raise ValueError(f"unknown model {name!r}; choose from {['ar', *makers]}.")
-        model = sequence_model(makers[name](), 1, 1)
-        k_init, k_fit = jax.random.split(jax.random.fold_in(key, i))
-        params = model.init(k_init)
-
-        def loss(p, batch, model=model):
-            xs, ys = batch
-            pred = model.apply(p, xs)[..., 0]
-            return jnp.mean((pred[:, lags:] - ys[:, lags:]) ** 2)
-
-        res = fit(
-            loss,
-            clipped_adam(learning_rate),
-            params,
-            (xs_tr, ys_tr),
-            key=k_fit,
-            steps=steps,
-            batch_size=min(32, len(starts)),
-            log_every=steps,
-            progress=False,
-            mesh=None,
-        )
-        pred = np.asarray(model.apply(res.state.params, jnp.asarray(x[None, : end - 1, None], jnp.float32)))[
-            0, :, 0
-        ]
-        out[name] = {**scores(pred.astype(np.float64)), "seconds": time.perf_counter() - t0}
-    return out
 
 
 # --------------------------------------------------------------------------- character-level LM
@@ -520,7 +376,7 @@ def char_windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]
       ``inputs: (n, seq_len)`` int32 and ``targets: (n, seq_len)`` int32 with
       ``targets[:, t] = inputs[:, t + 1]`` (the next character), ``n = (len(ids) - 1) // seq_len``.
     """
-    seq_len = _pos_int(seq_len, "seq_len")
+    seq_len = positive_int(seq_len, "seq_len")
     n = (len(ids) - 1) // seq_len
     if n < 1:
         raise ValueError(f"{len(ids)} ids are too few for one window of seq_len={seq_len}.")
@@ -555,98 +411,3 @@ def unigram_bits_per_char(train: np.ndarray, valid: np.ndarray, vocab_size: int)
     counts = np.bincount(np.asarray(train), minlength=vocab_size).astype(np.float64) + 1.0
     p = counts / counts.sum()
     return float(-np.mean(np.log2(p[np.asarray(valid)])))
-
-
-def train_char_lm(
-    corpus: CharCorpus,
-    *,
-    key: jax.Array,
-    cell: Cell | None = None,
-    hidden: int = 128,
-    seq_len: int = 64,
-    batch_size: int = 32,
-    steps: int = 1000,
-    learning_rate: float = 3e-3,
-    **fit_kwargs: Any,
-) -> tuple[SequenceModel, Any, dict[str, float]]:
-    """Train a character-level language model (one-hot input, ``cell``, linear readout).
-
-    Args:
-      corpus: from ``char_corpus``.
-      key: PRNG key.
-      cell: default ``lstm(hidden)``.
-      hidden, seq_len, batch_size, steps, learning_rate: the usual.
-      **fit_kwargs: passed to ``seqjax.train.fit``.
-
-    Returns:
-      ``(model, params, scores)`` with ``scores = {"valid_bpc", "unigram_bpc", "train_bpc"}``.
-    """
-    from seqjax.cells import lstm
-    from seqjax.train import clipped_adam, fit
-
-    V = len(corpus.vocab)
-    cell = lstm(hidden, forget_bias=1.0) if cell is None else cell
-    model = sequence_model(cell, V, V)
-    k_init, k_fit = jax.random.split(key)
-
-    def loss(p, batch):
-        x, y = batch
-        return bits_per_char(model.apply(p, jax.nn.one_hot(x, V)), y) * math.log(2.0)  # nats
-
-    data = char_windows(corpus.train, seq_len)
-    fit_kwargs.setdefault("progress", False)
-    res = fit(
-        loss,
-        clipped_adam(learning_rate),
-        model.init(k_init),
-        data,
-        key=k_fit,
-        steps=steps,
-        batch_size=batch_size,
-        **fit_kwargs,
-    )
-    params = res.state.params
-    ev = jax.jit(lambda p, x, y: bits_per_char(model.apply(p, jax.nn.one_hot(x, V)), y))
-    vx, vy = char_windows(corpus.valid, seq_len)
-    scores = {
-        "valid_bpc": float(ev(params, vx, vy)),
-        "train_bpc": float(ev(params, *(a[: 4 * batch_size] for a in data))),
-        "unigram_bpc": unigram_bits_per_char(corpus.train, corpus.valid, V),
-    }
-    return model, params, scores
-
-
-def sample_text(
-    model: SequenceModel,
-    params: Any,
-    vocab: str,
-    prompt: str,
-    num_chars: int,
-    *,
-    key: jax.Array,
-    temperature: float = 1.0,
-) -> str:
-    """Sample ``num_chars`` characters after ``prompt`` from a trained character model.
-
-    Uses ``seqjax.seq2seq.generate`` (one-hot feedback of each sampled character; the
-    whole loop is one ``unroll`` under ``jit``).
-    """
-    from seqjax.seq2seq import generate
-
-    lut = {c: i for i, c in enumerate(vocab)}
-    missing = sorted(set(prompt) - set(lut))
-    if not prompt or missing:
-        raise ValueError(f"prompt must be non-empty and use only vocabulary characters; unknown: {missing}.")
-    V = len(vocab)
-    ids = jnp.asarray([lut[c] for c in prompt], jnp.int32)
-    b = params["b_out"]
-    _, toks = generate(
-        model.cell,
-        params["cell"],
-        lambda y: y @ params["w_out"] + b.reshape((1,) * (y.ndim - 1) + b.shape),
-        jax.nn.one_hot(ids, V)[None],
-        _pos_int(num_chars, "num_chars"),
-        key=key,
-        temperature=temperature,
-    )
-    return "".join(vocab[int(i)] for i in np.asarray(toks[0]))

@@ -98,6 +98,36 @@ def test_bench_delegates_or_explains(capsys, monkeypatch):
     assert code == 2 and "benchmarks/" in err and "source checkout" in err
 
 
+def test_entry_points():
+    """The console script ``seqjax = seqjax.cli:main`` (pyproject) and ``python -m seqjax.cli``."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert 'seqjax = "seqjax.cli:main"' in (root / "pyproject.toml").read_text()
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="console_scripts", name="seqjax"):  # when installed
+        assert ep.load() is cli.main
+    r = subprocess.run(
+        [sys.executable, "-m", "seqjax.cli", "--version"], capture_output=True, text=True, cwd=root
+    )
+    assert r.returncode == 0 and r.stdout.startswith("seqjax "), r.stderr
+
+
+def test_cli_draws_nothing_itself():
+    """Figures come from seqjax.plot, analyses from seqjax.diagnose: no module of the CLI
+    imports matplotlib or the spectrum tools."""
+    import ast
+    import pathlib
+
+    for path in pathlib.Path(cli.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in mods if m.startswith(("matplotlib", "seqjax.spectrum"))}, path.name
+
+
 # ---------------------------------------------------------------- commands on tiny sizes
 
 

@@ -1,4 +1,5 @@
-"""seqjax.plot renders every figure to PNG (Agg backend), and fails clearly without matplotlib."""
+"""seqjax.plot renders every figure to PNG (Agg backend), labels its axes, and fails clearly
+without matplotlib."""
 
 import builtins
 import importlib
@@ -10,8 +11,11 @@ import numpy as np
 import pytest
 
 import seqjax as sj
-from seqjax.fixed_points import find_fixed_points
+from seqjax.diagnose import diagnose
+from seqjax.layers import dense
+from seqjax.seq2seq import many_to_one
 from seqjax.spectrum import (
+    find_fixed_points,
     gradient_flow_report,
     lag_log_norms,
     lyapunov_spectrum,
@@ -71,6 +75,65 @@ def test_plot_on_given_axes(data, tmp_path):
     _render(out, tmp_path, "given")
 
 
+@pytest.fixture(scope="module")
+def diagnoses():
+    out = {}
+    for name, cell in (("rnn", sj.rnn(3)), ("lstm", sj.lstm(3))):
+        params = many_to_one(cell, dense(1)).init(jax.random.key(0), 2)
+        xs = jax.random.normal(jax.random.key(1), (2, 8, 2))
+        ys = jax.random.uniform(jax.random.key(2), (2, 1))
+        out[name] = diagnose(cell, params, xs, ys=ys)
+    return out
+
+
+HISTORY = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5, "eval_loss": 0.6}, {"step": 3, "loss": 0.25}]
+
+
+def _labelled(ax):
+    assert ax.get_xlabel() and ax.get_ylabel()
+    return ax
+
+
+def test_diagnosis_plots(diagnoses, tmp_path):
+    ax = _labelled(plot.plot_gradient_vs_lag(diagnoses))
+    assert len(ax.lines) >= 3  # rnn, lstm and the lstm's cell path (+ the zero line)
+    assert any("cell path" in t.get_text() for t in ax.get_legend().get_texts())
+    _render(ax, tmp_path, "lag")
+    for which in ("wh", "jac"):
+        ax = _labelled(plot.plot_diagnosis_eigenvalues(diagnoses["lstm"], which, name="lstm"))
+        assert ax.get_title().startswith("lstm: eigenvalues") and ax.collections
+        _render(ax, tmp_path, f"eig_{which}")
+    with pytest.raises(ValueError, match="which"):
+        plot.plot_diagnosis_eigenvalues(diagnoses["rnn"], "nope")
+    no_wh = diagnoses["rnn"]._replace(eig_wh=None, gate_names=None)
+    _render(_labelled(plot.plot_diagnosis_eigenvalues(no_wh)), tmp_path, "eig_none")
+    ax = _labelled(plot.plot_training_history({"rnn": HISTORY}))
+    assert ax.get_yscale() == "log" and len(ax.lines) == 2  # train and eval
+    _render(ax, tmp_path, "history")
+    ax = _labelled(plot.plot_lyapunov_spectrum(diagnoses["lstm"].lyapunov, label="lstm"))
+    _render(ax, tmp_path, "lyap_diag")
+
+
+def test_write_figures(diagnoses, tmp_path):
+    figs = plot.write_figures(str(tmp_path), diagnoses, histories={"rnn": HISTORY, "lstm": HISTORY})
+    assert list(figs) == [
+        "training.png",
+        "gradient_vs_lag.png",
+        "lyapunov.png",
+        "eigenvalues_wh.png",
+        "eigenvalues_jacobians.png",
+    ]
+    assert figs["eigenvalues_wh.png"] == "Eigenvalues of W_h"
+    for fn in figs:
+        data = (tmp_path / fn).read_bytes()
+        assert data[:8] == PNG and len(data) > 1000
+    assert plt.get_fignums() == []  # no pyplot figure left open
+    only = tmp_path / "only"
+    only.mkdir()
+    assert list(plot.write_figures(str(only), histories={"gru": HISTORY})) == ["training.png"]
+    assert plot.write_figures(str(only)) == {}
+
+
 def test_missing_matplotlib_message(monkeypatch):
     real_import = builtins.__import__
 
@@ -83,5 +146,8 @@ def test_missing_matplotlib_message(monkeypatch):
     for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, mod)
     mod = importlib.reload(plot)  # importing seqjax.plot itself must not need matplotlib
+    assert not mod.matplotlib_available()
     with pytest.raises(ImportError, match=r'pip install "seqjax\[plot\]"'):
         mod.plot_eigenvalues(np.array([1.0 + 0j]))
+    with pytest.raises(ImportError, match=r'pip install "seqjax\[plot\]"'):
+        mod.write_figures(".", histories={"a": HISTORY})

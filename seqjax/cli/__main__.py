@@ -1,0 +1,7 @@
+"""``python -m seqjax.cli``: the ``seqjax`` command."""
+
+import sys
+
+from seqjax.cli import main
+
+sys.exit(main())

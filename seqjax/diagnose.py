@@ -1,0 +1,427 @@
+r"""Why a trained recurrent model learns a long-range task or does not: its Jacobian story.
+
+``diagnose(cell, params, xs, ys=ys)`` measures, on inputs ``xs: (B, T, I)``, what the spectrum
+tools say about a trained model (params ``{"body": cell params, "head": dense params}``, as
+``seqjax.seq2seq`` makes them): how the gradient decays with the lag, which units keep a
+memory, the Lyapunov spectrum, and the eigenvalues of the recurrent matrix and of the step
+Jacobians ``J_t = ds_t/ds_{t-1}``. ``verdict`` turns the diagnoses of a tanh RNN and an LSTM
+trained on the adding problem into plain sentences, each quoting a number, and
+``demo_report`` / ``demo_summary`` / ``spectrum_report`` assemble the reports of the
+``seqjax demo`` and ``seqjax spectrum`` commands (their figures come from ``seqjax.plot``).
+
+The state ``s_t`` is the whole carry flattened (``h`` for the RNN, ``[h, c]`` for the
+LSTM; ``seqjax.spectrum.flatten_state``). Logarithms of norms and gains in the results are
+base 10; Lyapunov exponents are per step, in natural log.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqjax.cells import Cell
+from seqjax.plot import PLOT_EXTRA
+from seqjax.spectrum import flatten_state, lag_log_norms, lyapunov_spectrum, step_jacobians
+from seqjax.tasks import ADDING_BASELINE_MSE
+from seqjax.unroll import unroll
+
+__all__ = [
+    "Diagnosis",
+    "TrainedModel",
+    "diagnose",
+    "gate_names",
+    "verdict",
+    "demo_report",
+    "demo_summary",
+    "spectrum_report",
+]
+
+
+class Diagnosis(NamedTuple):
+    """The Jacobian story of a model on ``B`` sequences of ``T`` steps (state size ``S``).
+
+    Attributes:
+      grad_log10: ``(T,)``, entry ``L - 1`` for lag ``L = 1..T``: with targets
+        (``cotangent``), the mean over sequences of
+        ``log10 ||dL/ds_{T-L}|| / ||dL/ds_T||`` for the model's many-to-one MSE loss ``L``;
+        without, of ``log10 ||ds_T/ds_{T-L}||_2``.
+      cotangent: whether ``grad_log10`` follows the loss gradient (targets were given).
+      lyapunov: ``(S,)`` Lyapunov exponents (per step, natural log), mean over sequences.
+      eig_jac: ``(T, S)`` complex eigenvalues of the step Jacobians ``J_t`` of the first
+        sequence.
+      radius_jac: ``(T,)`` their spectral radii ``max |eig J_t|``.
+      jac_norm: ``(T,)`` their spectral norms ``||J_t||_2``.
+      cell_log10_units: cells whose carry has more than one leaf: ``(T, units)``, entry
+        ``[L - 1, u]`` the mean over sequences of ``log10 prod_{t > T-L} |(J_t)_{uu}|`` over
+        the memory units (every carry leaf after the first). For the LSTM
+        ``dc_t/dc_{t-1} = diag(f_t)``, so this is ``log10 prod f`` of the forget gates.
+        ``None`` for single-leaf carries.
+      cell_log10: ``(T,)``, its maximum over units (the most persistent unit), or ``None``.
+      eig_wh: cells with a square recurrent matrix ``w_h: (H, G*H)``: the eigenvalues
+        ``(H,)`` of each of its ``G`` column blocks (one per gate); ``[]`` when ``w_h`` is not
+        square per block; ``None`` without ``w_h``.
+      gate_names: the names of those blocks (see ``gate_names``), or ``None``.
+      sigma_wh: ``sigma_max(w_h)``, or ``None``.
+    """
+
+    grad_log10: np.ndarray
+    cotangent: bool
+    lyapunov: np.ndarray
+    eig_jac: np.ndarray
+    radius_jac: np.ndarray
+    jac_norm: np.ndarray
+    cell_log10_units: np.ndarray | None = None
+    cell_log10: np.ndarray | None = None
+    eig_wh: list[np.ndarray] | None = None
+    gate_names: list[str] | None = None
+    sigma_wh: float | None = None
+
+
+class TrainedModel(NamedTuple):
+    """A trained model's score and diagnosis, as the demo reports them.
+
+    Attributes:
+      diagnosis: its ``Diagnosis`` on test sequences.
+      test_mse: its test MSE on the adding problem (``None`` when not evaluated).
+      seconds: its training time.
+    """
+
+    diagnosis: Diagnosis
+    test_mse: float | None
+    seconds: float = 0.0
+
+
+def gate_names(cell: Cell, params: Any, input_size: int, blocks: int) -> list[str]:
+    """Names of the ``blocks`` column blocks of ``w_h``.
+
+    The keys of the cell's ``gates`` capability in the order the cell writes them (its block
+    order, e.g. ``i, f, g, o`` for the LSTM) when it names one per block, else ``h`` (one
+    block) or ``h0, h1, ...``. Only shapes are traced (``jax.eval_shape``).
+    """
+    if cell.gates is not None:
+        like = jax.eval_shape(lambda p: cell.initial_carry(p, ()), params)
+        x = jax.ShapeDtypeStruct((input_size,), jax.tree_util.tree_leaves(like)[0].dtype)
+        order: list[str] = []  # eval_shape returns dicts with sorted keys: record the order traced
+
+        def gates(p, c, x):
+            out = cell.gates(p, c, x)
+            order.extend(out)
+            return out
+
+        jax.eval_shape(gates, params, like, x)
+        if len(order) == blocks:
+            return order
+    return ["h"] if blocks == 1 else [f"h{k}" for k in range(blocks)]
+
+
+def diagnose(cell: Cell, params: dict, xs: jax.Array, *, ys: jax.Array | None = None) -> Diagnosis:
+    r"""The Jacobian story of a trained model on inputs ``xs: (B, T, I)``.
+
+    With ``J_t = ds_t/ds_{t-1}`` the step Jacobians (``seqjax.spectrum.step_jacobians``):
+
+    * gradient against lag: given targets ``ys: (B, O)`` of a many-to-one MSE model
+      ``o = h_T W + b`` (``params["head"] = {"w", "b"}``), the loss gradient
+      :math:`g_T = \partial L/\partial s_T` is carried back,
+      :math:`g_{T-L} = g_T J_T \cdots J_{T-L+1}` (``lag_log_norms`` with that cotangent), and
+      ``grad_log10[L-1]`` is the mean of :math:`\log_{10} \|g_{T-L}\| / \|g_T\|`; without
+      targets it is the mean of :math:`\log_{10} \|J_T \cdots J_{T-L+1}\|_2`;
+    * the memory path of multi-leaf carries: :math:`\sum_{t > T-L} \log_{10} |(J_t)_{uu}|`
+      per memory unit ``u`` (exact for the LSTM's cell state, whose block of ``J_t`` is
+      ``diag(f_t)``);
+    * the Lyapunov spectrum (``lyapunov_spectrum``, warm-up ``min(10, T // 5)`` steps);
+    * eigenvalues of each gate block of ``w_h`` and its largest singular value, and the
+      eigenvalues, spectral radii and norms of ``J_t`` along the first sequence.
+
+    Args:
+      cell: the model's cell.
+      params: ``{"body": cell params, ...}`` (and ``"head"`` when ``ys`` is given).
+      xs: ``(B, T, I)`` inputs.
+      ys: ``(B, O)`` targets of a many-to-one MSE model, or ``None``.
+
+    Returns:
+      A ``Diagnosis`` of NumPy arrays and floats.
+    """
+    body = params["body"]
+    T = xs.shape[-2]
+    J = step_jacobians(cell, body, xs).jacobians  # (B, T, S, S)
+    if ys is not None:
+        # dL/ds_T of the many-to-one MSE loss, carried back by the step Jacobians.
+        carry, _ = unroll(cell, body, xs)
+
+        def loss_from_carry(c):
+            h = cell.output(body, c, xs[:, -1])  # the last output, read from the carry
+            out = h @ params["head"]["w"] + params["head"]["b"].reshape((1, -1))
+            return jnp.mean((out - ys) ** 2)
+
+        g_flat = flatten_state(jax.grad(loss_from_carry)(carry), batch_ndim=1)
+        lag = np.asarray(lag_log_norms(J, cotangent=g_flat))  # (B, T): log ||dL/ds_{T-L}||
+        g0 = np.log(np.maximum(np.asarray(jnp.linalg.norm(g_flat, axis=-1)), 1e-30))
+        lag = lag - g0[:, None]
+    else:
+        lag = np.asarray(lag_log_norms(J))  # log ||ds_T/ds_{T-L}||_2
+    grad_log10 = np.mean(lag / math.log(10.0), axis=0)
+
+    memory: dict[str, Any] = {}
+    like = jax.eval_shape(lambda p: cell.initial_carry(p, ()), body)
+    leaves = jax.tree_util.tree_leaves(like)
+    if len(leaves) > 1:
+        # The self-recurrent path of the memory leaves (every carry leaf after the first):
+        # the product of the diagonal of J_t over the last L steps, per unit. For the LSTM
+        # this is prod f, since dc_t/dc_{t-1} = diag(f_t) exactly.
+        first = int(np.prod(leaves[0].shape, dtype=int))
+        d = np.abs(np.diagonal(np.asarray(J), axis1=-2, axis2=-1))[..., first:]  # (B, T, S - first)
+        logd = np.log10(np.maximum(d, 1e-30))
+        cum = np.cumsum(logd[:, ::-1, :], axis=1)  # lag L = 1..T from the end
+        units = np.mean(cum, axis=0)  # (T, units): mean over sequences, per unit
+        memory = {"cell_log10_units": units, "cell_log10": np.max(units, axis=-1)}
+    lyap = lyapunov_spectrum(cell, body, xs, warmup=min(10, T // 5))
+    H = cell.meta.hidden_size if cell.meta is not None else None
+    w_h = np.asarray(body["w_h"]) if "w_h" in body else None
+    recurrent: dict[str, Any] = {}
+    if w_h is not None and H:
+        G = w_h.shape[1] // H
+        blocks = [w_h[:, k * H : (k + 1) * H] for k in range(G)] if w_h.shape[0] == H else []
+        recurrent = {
+            "eig_wh": [np.linalg.eigvals(b) for b in blocks],
+            "gate_names": gate_names(cell, body, xs.shape[-1], G),
+            "sigma_wh": float(np.linalg.norm(w_h, 2)),
+        }
+    Jn = np.asarray(J[0], dtype=np.float64)
+    eig = np.linalg.eigvals(Jn)  # (T, S)
+    return Diagnosis(
+        grad_log10=grad_log10,
+        cotangent=ys is not None,
+        lyapunov=np.mean(np.asarray(lyap.exponents), axis=0),
+        eig_jac=eig,
+        radius_jac=np.max(np.abs(eig), axis=-1),
+        jac_norm=np.linalg.norm(Jn, ord=2, axis=(-2, -1)),
+        **memory,
+        **recurrent,
+    )
+
+
+# --------------------------------------------------------------------------- verdict and reports
+
+
+def _at_lag(curve: np.ndarray, L: int) -> float:
+    """``curve[L - 1]`` (lag ``L``), or its last entry when ``L`` is beyond the curve."""
+    return float(curve[min(L, len(curve)) - 1])
+
+
+def _fmt(x, f="{:.4f}"):
+    return "n/a" if x is None else f.format(x)
+
+
+def _learned(mse: float, baseline: float) -> bool:
+    """Learning means a test MSE below half the memoryless baseline."""
+    return mse < 0.5 * baseline
+
+
+def verdict(
+    results: Mapping[str, TrainedModel], lag: int, *, baseline: float = ADDING_BASELINE_MSE
+) -> list[str]:
+    """Plain-language findings about a tanh RNN (``results["rnn"]``) and an LSTM
+    (``results["lstm"]``) trained on the adding problem, each backed by a number.
+
+    * RNN: its gradient ratio at ``lag`` (``10^k``) and its largest Lyapunov exponent; with
+      ``k < -3`` it cannot learn dependencies that long;
+    * LSTM: its gradient ratio at ``lag`` and, for its cell path ``prod f``, the best unit
+      and how many units keep more than 10% (``log10 > -1``) over ``lag`` steps;
+    * both: the ratio of the two gradients at ``lag``.
+
+    A model "learned the task" when its test MSE is below half of ``baseline`` (the MSE of
+    always answering 1, 1/6).
+
+    Args:
+      results: ``TrainedModel`` per model name; either key may be missing.
+      lag: the lag ``L`` the sentences quote.
+      baseline: the memoryless test MSE.
+
+    Returns:
+      One sentence per finding.
+    """
+    lines = []
+    r, l_ = results.get("rnn"), results.get("lstm")
+    if r is not None:
+        k = _at_lag(r.diagnosis.grad_log10, lag)
+        lam = float(r.diagnosis.lyapunov[0])
+        mse = r.test_mse
+        s = (
+            f"The tanh RNN's gradients shrink by about 10^{k:.1f} over {lag} steps "
+            f"(largest Lyapunov exponent {lam:+.3f} per step, so a perturbation decays like e^({lam:.3f} t))"
+        )
+        if k < -3:
+            s += (
+                f": it cannot learn dependencies that long (test MSE {mse:.3f} vs "
+                f"{baseline:.3f} for guessing)."
+            )
+        else:
+            s += f"; test MSE {mse:.3f} vs {baseline:.3f} for guessing" + (
+                " (it learned the task)." if _learned(mse, baseline) else "."
+            )
+        lines.append(s)
+    if l_ is not None:
+        a = l_.diagnosis
+        k_full = _at_lag(a.grad_log10, lag)
+        mse = l_.test_mse
+        s = f"The LSTM's gradients change by about 10^{k_full:.1f} over the same {lag} steps"
+        if a.cell_log10 is not None:
+            kc = _at_lag(a.cell_log10, lag)
+            units = a.cell_log10_units[min(lag, len(a.cell_log10)) - 1]
+            kept = int(np.sum(units > -1.0))
+            s += (
+                f": its cell path dc_T/dc_(T-{lag}) = prod f keeps them near 1 in the units that carry "
+                f"memory (best unit 10^{kc:.1f}; {kept} of {units.size} units keep more than 10% "
+                f"over {lag} steps)"
+            )
+        s += f"; test MSE {mse:.3f}" + (
+            " (it learned the task)." if _learned(mse, baseline) else " (more steps would help)."
+        )
+        lines.append(s)
+    if r is not None and l_ is not None:
+        gap = _at_lag(l_.diagnosis.grad_log10, lag) - _at_lag(r.diagnosis.grad_log10, lag)
+        lines.append(
+            f"At lag {lag} the gradient reaching the LSTM's state is about 10^{gap:.1f} times the tanh RNN's "
+            "(same loss, same lag): that ratio, not the number of parameters, decides which one can learn "
+            "the task."
+        )
+    return lines
+
+
+def demo_report(
+    results: Mapping[str, TrainedModel],
+    findings: Sequence[str],
+    figures: Mapping[str, str],
+    *,
+    T: int,
+    steps: int,
+    hidden: int,
+    lag: int,
+) -> str:
+    """The Markdown report of ``seqjax demo``: the verdict, a table of numbers per model
+    (test MSE, training time, ``grad_log10`` at ``lag``, largest Lyapunov exponent,
+    ``sigma_max(W_h)``, mean spectral radius of ``J_t``), the LSTM's cell path, definitions,
+    and the figures.
+
+    Args:
+      results: ``TrainedModel`` per model name, in table order.
+      findings: the sentences of ``verdict``.
+      figures: file name -> section title (``seqjax.plot.write_figures``); empty: a note
+        that matplotlib is missing.
+      T, steps, hidden: the run's sequence length, training steps and hidden units.
+      lag: the lag the numbers are read at.
+    """
+    lines = [
+        "# seqjax demo: why the LSTM learns the adding problem and the tanh RNN does not",
+        "",
+        f"Adding problem, T = {T}; {hidden} hidden units; {steps} Adam steps (lr as configured, "
+        f"global-norm clipping at 1). Always answering 1 scores MSE {ADDING_BASELINE_MSE:.3f}.",
+        "",
+        "## Verdict",
+        "",
+        *[f"- {v}" for v in findings],
+        "",
+        "## Numbers",
+        "",
+        f"| model | test MSE | train time (s) | log10 gradient ratio at lag {lag} | "
+        "largest Lyapunov exponent | "
+        "sigma_max(W_h) | mean spectral radius of J_t |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        a = r.diagnosis
+        lines.append(
+            f"| {name} | {_fmt(r.test_mse)} | {r.seconds:.1f} | {_at_lag(a.grad_log10, lag):.2f} | "
+            f"{float(a.lyapunov[0]):+.4f} | {_fmt(a.sigma_wh, '{:.3f}')} | "
+            f"{float(np.mean(a.radius_jac)):.3f} |"
+        )
+    if "lstm" in results and results["lstm"].diagnosis.cell_log10 is not None:
+        lines += [
+            "",
+            f"LSTM cell path: log10 of the product of forget gates over {lag} steps (most persistent unit): "
+            f"{_at_lag(results['lstm'].diagnosis.cell_log10, lag):.2f}.",
+        ]
+    lines += [
+        "",
+        "Definitions: the state s is the whole carry (h for the RNN, [h, c] for the LSTM); "
+        "J_t = ds_t/ds_(t-1); the gradient ratio is ||dL/ds_(T-L)|| / ||dL/ds_T|| for the trained "
+        "model's loss (Pascanu, Mikolov & Bengio 2013); Lyapunov exponents by the QR method "
+        "(per step, natural log).",
+        "",
+    ]
+    if figures:
+        lines += ["## Figures", ""]
+        for fn, title in figures.items():
+            lines += [f"### {title}", "", f"![{title}]({fn})", ""]
+    else:
+        lines += [f"(No figures: matplotlib is not installed; {PLOT_EXTRA}.)", ""]
+    return "\n".join(lines)
+
+
+def demo_summary(
+    results: Mapping[str, TrainedModel], findings: Sequence[str], *, T: int, steps: int, hidden: int, lag: int
+) -> dict:
+    """The JSON summary of ``seqjax demo``: the run's sizes, the verdict, and per model its
+    test MSE, training time, ``grad_log10`` and (LSTM) ``cell_log10`` at ``lag`` and its
+    largest Lyapunov exponent."""
+    return {
+        "T": T,
+        "steps": steps,
+        "hidden": hidden,
+        "verdict": list(findings),
+        **{
+            n: {
+                "test_mse": r.test_mse,
+                "seconds": r.seconds,
+                "grad_log10_at_lag": _at_lag(r.diagnosis.grad_log10, lag),
+                "lyapunov_max": float(r.diagnosis.lyapunov[0]),
+                **(
+                    {"cell_log10_at_lag": _at_lag(r.diagnosis.cell_log10, lag)}
+                    if r.diagnosis.cell_log10 is not None
+                    else {}
+                ),
+            }
+            for n, r in results.items()
+        },
+    }
+
+
+def spectrum_report(
+    d: Diagnosis, *, name: str, hidden: int, task: str, T: int, lag: int, figures: Sequence[str] = ()
+) -> list[str]:
+    """The lines of the Markdown report of ``seqjax spectrum``: the headline numbers of one
+    model's ``Diagnosis`` (first eight lines), its Lyapunov spectrum and its figures.
+
+    Args:
+      d: the diagnosis.
+      name: the cell's name; hidden, task, T: its size, task and sequence length.
+      lag: the lag the numbers are read at.
+      figures: file names of the figures (``seqjax.plot.write_figures``), linked in order.
+    """
+    lines = [
+        f"# Spectrum report: {name} ({hidden} units) on {task}, T = {T}",
+        "",
+        (
+            f"- log10 ||dL/ds_(T-L)|| / ||dL/ds_T|| at lag {lag}: {_at_lag(d.grad_log10, lag):.2f}"
+            if d.cotangent
+            else f"- log10 ||ds_T/ds_(T-L)||_2 at lag {lag}: {_at_lag(d.grad_log10, lag):.2f}"
+        ),
+        f"- largest Lyapunov exponent: {float(d.lyapunov[0]):+.4f} per step",
+        f"- mean spectral radius of the step Jacobians: {float(np.mean(d.radius_jac)):.3f}",
+        f"- mean ||J_t||_2: {float(np.mean(d.jac_norm)):.3f}",
+    ]
+    if d.sigma_wh is not None:
+        lines.append(f"- sigma_max(W_h): {d.sigma_wh:.3f}")
+    if d.cell_log10 is not None:
+        lines.append(
+            f"- log10 product of forget gates over {lag} steps (most persistent unit): "
+            f"{_at_lag(d.cell_log10, lag):.2f}"
+        )
+    lines += ["", "Lyapunov spectrum: " + ", ".join(f"{e:+.3f}" for e in d.lyapunov), ""]
+    lines += [f"![{fn.removesuffix('.png')}]({fn})\n" for fn in figures]
+    return lines

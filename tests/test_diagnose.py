@@ -1,0 +1,188 @@
+"""seqjax.diagnose: its numbers against the spectrum functions and autodiff on tiny models,
+and the verdict and report text on hand-made diagnoses."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import seqjax as sj
+from seqjax import diagnose as dg
+from seqjax.layers import dense
+from seqjax.seq2seq import many_to_one
+from seqjax.spectrum import lag_log_norms, lyapunov_spectrum, step_jacobians
+
+B, T, I = 2, 6, 2
+
+
+def _model(cell, key=0):
+    model = many_to_one(cell, dense(1))
+    params = model.init(jax.random.key(key), I)
+    xs = jax.random.normal(jax.random.key(key + 1), (B, T, I))
+    ys = jax.random.uniform(jax.random.key(key + 2), (B, 1))
+    return model, params, xs, ys
+
+
+def test_diagnose_without_targets_matches_the_spectrum_functions():
+    cell = sj.rnn(3)
+    _, params, xs, _ = _model(cell)
+    d = dg.diagnose(cell, params, xs)
+    body = params["body"]
+    J = step_jacobians(cell, body, xs).jacobians
+    assert not d.cotangent and d.grad_log10.shape == (T,)
+    np.testing.assert_allclose(
+        d.grad_log10, np.mean(np.asarray(lag_log_norms(J)), 0) / math.log(10), rtol=1e-6
+    )
+    ly = lyapunov_spectrum(cell, body, xs, warmup=min(10, T // 5))
+    np.testing.assert_allclose(d.lyapunov, np.mean(np.asarray(ly.exponents), 0), rtol=1e-6)
+    J0 = np.asarray(J[0], np.float64)
+    np.testing.assert_allclose(np.sort_complex(d.eig_jac[2]), np.sort_complex(np.linalg.eigvals(J0[2])))
+    np.testing.assert_allclose(d.radius_jac, np.abs(np.linalg.eigvals(J0)).max(-1), rtol=1e-10)
+    np.testing.assert_allclose(d.jac_norm, np.linalg.svd(J0, compute_uv=False)[:, 0], rtol=1e-10)
+    w_h = np.asarray(body["w_h"])
+    assert d.gate_names == ["net"] and len(d.eig_wh) == 1  # the tanh RNN names its one block
+    np.testing.assert_allclose(
+        np.sort_complex(d.eig_wh[0]), np.sort_complex(np.linalg.eigvals(w_h)), rtol=1e-6
+    )
+    assert d.sigma_wh == pytest.approx(np.linalg.svd(w_h, compute_uv=False)[0], rel=1e-6)
+    assert d.cell_log10 is None and d.cell_log10_units is None  # one carry leaf: no memory path
+
+
+def test_gradient_ratio_with_targets_matches_autodiff():
+    # dL/ds_{T-L} by autodiff: run the cell from the carry at T-L over the last L inputs and
+    # read the many-to-one MSE loss from the final output (the tanh RNN's output is its carry).
+    cell = sj.rnn(3)
+    _, params, xs, ys = _model(cell, key=3)
+    d = dg.diagnose(cell, params, xs, ys=ys)
+    assert d.cotangent
+    body, head = params["body"], params["head"]
+
+    def carry_at(t):
+        return sj.unroll(cell, body, xs[:, :t])[0] if t else cell.initial_carry(body, (B,))
+
+    def loss_from(t):
+        def f(c):
+            h = sj.unroll(cell, body, xs[:, t:], carry=c)[0] if t < T else c
+            return jnp.mean((h @ head["w"] + head["b"][None] - ys) ** 2)
+
+        return f
+
+    gT = jax.grad(loss_from(T))(carry_at(T))
+    for L in (1, 3, T):
+        gL = jax.grad(loss_from(T - L))(carry_at(T - L))
+        want = np.mean(np.log10(np.linalg.norm(gL, axis=-1) / np.linalg.norm(gT, axis=-1)))
+        assert d.grad_log10[L - 1] == pytest.approx(want, abs=1e-4), L
+
+
+def test_lstm_memory_path_is_the_product_of_forget_gates():
+    cell = sj.lstm(3, forget_bias=1.0)
+    _, params, xs, ys = _model(cell, key=5)
+    d = dg.diagnose(cell, params, xs, ys=ys)
+    body = params["body"]
+    carry = cell.initial_carry(body, (B,))
+    logf = []
+    for t in range(T):  # step by hand, reading the forget gate of every step
+        logf.append(np.log10(np.asarray(cell.gates(body, carry, xs[:, t])["f"])))
+        carry, _ = cell.step(body, carry, xs[:, t])
+    logf = np.stack(logf, 1)  # (B, T, H)
+    want = np.mean(np.cumsum(logf[:, ::-1], axis=1), axis=0)  # (T, H): lag L = 1..T
+    np.testing.assert_allclose(d.cell_log10_units, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(d.cell_log10, want.max(-1), rtol=1e-4, atol=1e-6)
+    assert d.gate_names == ["i", "f", "g", "o"] and len(d.eig_wh) == 4
+    assert all(e.shape == (3,) for e in d.eig_wh)
+    assert d.lyapunov.shape == (6,)  # the state [h, c]
+
+
+def test_gate_names_follow_block_order():
+    for cell, want in (
+        (sj.lstm(3), ["i", "f", "g", "o"]),
+        (sj.gru(3), ["r", "z", "n"]),
+        (sj.janet(3), ["f", "c_tilde"]),
+    ):
+        p = cell.init(jax.random.key(0), 2)
+        assert dg.gate_names(cell, p, 2, len(want)) == want
+    # without a name per block: h, or h0, h1, ...
+    p = sj.tdnn(3, 2).init(jax.random.key(0), 2)
+    assert dg.gate_names(sj.tdnn(3, 2), p, 2, 1) == ["h"]
+    assert dg.gate_names(sj.lstm(3), sj.lstm(3).init(jax.random.key(0), 2), 2, 2) == ["h0", "h1"]
+
+
+# ---------------------------------------------------------------- verdict and reports (hand-made)
+
+
+def _diag(grad_log10, lyap=(-0.2, -0.5), units=None, sigma=None, cotangent=True):
+    g = np.asarray(grad_log10, float)
+    n = len(g)
+    memory = {}
+    if units is not None:
+        units = np.asarray(units, float)
+        memory = {"cell_log10_units": units, "cell_log10": units.max(-1)}
+    return dg.Diagnosis(
+        grad_log10=g,
+        cotangent=cotangent,
+        lyapunov=np.asarray(lyap, float),
+        eig_jac=np.zeros((n, 2), complex),
+        radius_jac=np.full(n, 0.5),
+        jac_norm=np.full(n, 0.75),
+        sigma_wh=sigma,
+        **memory,
+    )
+
+
+def test_verdict_quotes_the_numbers():
+    lags = np.arange(1, 11)
+    rnn = dg.TrainedModel(_diag(-0.5 * lags), test_mse=0.16, seconds=1.0)
+    # 4 units: log10 at lag 10 of -0.3, -0.5, -2, -0.9 -> 3 keep more than 10%
+    units = np.outer(lags / 10, [-0.3, -0.5, -2.0, -0.9])
+    lstm = dg.TrainedModel(_diag(-0.1 * lags, units=units), test_mse=0.01, seconds=2.0)
+    v = dg.verdict({"rnn": rnn, "lstm": lstm}, 10)
+    assert len(v) == 3
+    assert "shrink by about 10^-5.0 over 10 steps" in v[0] and "largest Lyapunov exponent -0.200" in v[0]
+    assert "cannot learn dependencies that long (test MSE 0.160 vs 0.167 for guessing)" in v[0]
+    assert "10^-1.0 over the same 10 steps" in v[1] and "best unit 10^-0.3; 3 of 4 units" in v[1]
+    assert v[1].endswith("test MSE 0.010 (it learned the task).")
+    assert "about 10^4.0 times the tanh RNN's" in v[2]
+    # a short-memory RNN that learned; a lag beyond the curve reads its last entry
+    ok = dg.TrainedModel(_diag(-0.1 * lags), test_mse=0.05)
+    (line,) = dg.verdict({"rnn": ok}, 50)
+    assert "10^-1.0 over 50 steps" in line and line.endswith("for guessing (it learned the task).")
+    (line,) = dg.verdict({"rnn": ok._replace(test_mse=0.1)}, 10)
+    assert line.endswith("vs 0.167 for guessing.")
+    (line,) = dg.verdict({"lstm": lstm._replace(test_mse=0.1)}, 10)
+    assert line.endswith("(more steps would help).")
+    assert dg.verdict({}, 10) == []
+
+
+def test_reports_and_summary():
+    lags = np.arange(1, 11)
+    results = {
+        "rnn": dg.TrainedModel(_diag(-0.5 * lags, sigma=1.25), 0.16, 1.0),
+        "lstm": dg.TrainedModel(_diag(-0.1 * lags, units=np.outer(lags, [-0.05, -0.2])), 0.01, 2.0),
+    }
+    v = dg.verdict(results, 10)
+    md = dg.demo_report(results, v, {}, T=10, steps=5, hidden=4, lag=10)
+    assert "| rnn | 0.1600 | 1.0 | -5.00 | -0.2000 | 1.250 | 0.500 |" in md
+    assert "| lstm | 0.0100 | 2.0 | -1.00 | -0.2000 | n/a | 0.500 |" in md
+    assert "most persistent unit): -0.50." in md
+    assert all(f"- {line}" in md for line in v)
+    assert '(No figures: matplotlib is not installed; pip install "seqjax[plot]".)' in md
+    md = dg.demo_report(results, v, {"lyapunov.png": "Lyapunov spectra"}, T=10, steps=5, hidden=4, lag=10)
+    assert "### Lyapunov spectra\n\n![Lyapunov spectra](lyapunov.png)" in md and "No figures" not in md
+    s = dg.demo_summary(results, v, T=10, steps=5, hidden=4, lag=10)
+    assert s["verdict"] == v and s["rnn"]["grad_log10_at_lag"] == -5.0 and "cell_log10_at_lag" not in s["rnn"]
+    assert s["lstm"]["cell_log10_at_lag"] == pytest.approx(-0.5) and s["lstm"]["lyapunov_max"] == -0.2
+    lines = dg.spectrum_report(
+        results["rnn"].diagnosis, name="rnn", hidden=4, task="adding", T=10, lag=10, figures=["lyapunov.png"]
+    )
+    assert lines[0] == "# Spectrum report: rnn (4 units) on adding, T = 10"
+    assert lines[2] == "- log10 ||dL/ds_(T-L)|| / ||dL/ds_T|| at lag 10: -5.00"
+    assert "- sigma_max(W_h): 1.250" in lines and lines[-1] == "![lyapunov](lyapunov.png)\n"
+    lines = dg.spectrum_report(
+        _diag(-0.5 * lags, cotangent=False), name="gru", hidden=4, task="copy", T=10, lag=10
+    )
+    assert lines[2].startswith("- log10 ||ds_T/ds_(T-L)||_2 at lag 10") and not any(
+        "sigma" in x for x in lines
+    )
+    assert lines[-2] == "Lyapunov spectrum: -0.200, -0.500"
