@@ -1,22 +1,24 @@
 """seqjax: functional recurrent networks in JAX.
 
-Pure cells (``Cell(init, initial_carry, step)`` plus optional capabilities), one scan-based
-``unroll``, and the tools
-built on them: sequence architectures, fast BPTT, Jacobian spectra, training loops. The
-names below are re-exported here and listed in ``__all__``; every submodule (``seqjax.spectrum``,
-``seqjax.train``, ``seqjax.tasks``, ...) lists its own in its ``__all__``. ``seqjax.plot``
+Pure cells (``Cell(init, initial_carry, step)`` plus optional capabilities), ``unroll`` and
+``trajectory``, and the tools built on them: sequence architectures, fast BPTT with gradient
+strategies, Jacobian spectra, training loops. The names below are re-exported here and
+listed in ``__all__``; every submodule (``seqjax.spectrum``, ``seqjax.train``,
+``seqjax.tasks``, ``seqjax.diagnose``, ...) lists its own in its ``__all__``. ``seqjax.plot``
 (matplotlib) and ``seqjax.nnx`` (Flax NNX modules) are imported explicitly.
 """
 
 from seqjax import (
     bptt,
     cells,
-    fixed_points,
+    diagnose,
+    gradients,
     initializers,
     interop,
     layers,
     losses,
     seq2seq,
+    solvers,
     spectrum,
     tasks,
     testing,
@@ -34,6 +36,7 @@ from seqjax.cells import (
     gru,
     irnn,
     janet,
+    learnable_carry,
     lstm,
     mgu,
     narx,
@@ -41,7 +44,6 @@ from seqjax.cells import (
     tdnn,
     wrap,
 )
-from seqjax.fixed_points import FixedPoints, find_fixed_points
 from seqjax.interop import TorchRNN, from_torch, to_torch
 from seqjax.layers import (
     BiCarry,
@@ -69,9 +71,11 @@ from seqjax.seq2seq import (
     pool,
 )
 from seqjax.spectrum import (
+    FixedPoints,
     GradientFlowReport,
     LyapunovSpectrum,
     StepJacobians,
+    find_fixed_points,
     gradient_flow_report,
     input_jacobian,
     lag_log_norms,
@@ -80,7 +84,11 @@ from seqjax.spectrum import (
     step_jacobians,
 )
 from seqjax.train import (
+    Checkpoints,
+    Evaluation,
     FitResult,
+    History,
+    Logging,
     NonFiniteError,
     TrainState,
     clipped,
@@ -92,7 +100,7 @@ from seqjax.train import (
     restore_checkpoint,
     save_checkpoint,
 )
-from seqjax.unroll import UnrollAux, check_carry, check_params, learnable_carry, sequence_mask, unroll
+from seqjax.unroll import Trajectory, check_carry, check_params, sequence_mask, trajectory, unroll
 
 __version__ = "0.1.0"
 
@@ -116,7 +124,8 @@ __all__ = [
     "narx",
     # unrolling
     "unroll",
-    "UnrollAux",
+    "trajectory",
+    "Trajectory",
     "sequence_mask",
     "learnable_carry",
     "check_params",
@@ -173,6 +182,10 @@ __all__ = [
     "fit",
     "FitResult",
     "NonFiniteError",
+    "Evaluation",
+    "Checkpoints",
+    "Logging",
+    "History",
     "clipped",
     "clipped_adam",
     "save_checkpoint",
@@ -183,15 +196,17 @@ __all__ = [
     "TorchRNN",
     # submodules
     "cells",
+    "gradients",
+    "solvers",
     "initializers",
     "layers",
     "losses",
     "seq2seq",
     "bptt",
     "spectrum",
-    "fixed_points",
     "train",
     "tasks",
+    "diagnose",
     "testing",
     "interop",
 ]

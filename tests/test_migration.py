@@ -48,3 +48,20 @@ def test_spectrum_command_on_a_0_1_run(tmp_path):
     rc = main(["spectrum", str(run), "--out", str(tmp_path / "report"), "--T", "20", "--batch", "2"])
     assert rc == 0
     assert any((tmp_path / "report").iterdir())
+
+
+def test_dropout_cell_reproduces_the_0_1_dropout_options():
+    """``unroll(cells.dropout(cell, input_rate=r, recurrent_rate=q, key=k), ...)`` draws the
+    masks 0.1's ``unroll(input_dropout=r, recurrent_dropout=q, key=k)`` drew
+    (``tests/data/dropout_0_1.npz``, written by the 0.1 code: ``scripts/make_dropout_fixture_0_1.py``).
+    Same float32 operations in the same order: equal to float32 rounding."""
+    cases = {"lstm": (0.3, 0.2), "gru": (0.3, 0.2), "rnn": (0.0, 0.4), "mgu": (0.5, 0.0)}
+    xs = jax.random.normal(jax.random.key(1), (4, 6, 3))
+    with np.load(DATA / "dropout_0_1.npz") as f:
+        want = dict(f)
+    for name, (r_in, r_rec) in cases.items():
+        cell = getattr(sj, name)(5)
+        params = cell.init(jax.random.key(0), 3)
+        dropped = sj.cells.dropout(cell, input_rate=r_in, recurrent_rate=r_rec, key=jax.random.key(7))
+        _, ys = jax.jit(lambda p, x, c=dropped: sj.unroll(c, p, x))(params, xs)
+        np.testing.assert_allclose(ys, want[name], rtol=1e-6, atol=1e-7, err_msg=name)
