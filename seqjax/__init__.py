@@ -100,7 +100,15 @@ from seqjax.train import (
     restore_checkpoint,
     save_checkpoint,
 )
-from seqjax.unroll import Trajectory, check_carry, check_params, sequence_mask, trajectory, unroll
+from seqjax.unroll import (
+    UNROLL_OPTIONS,
+    Trajectory,
+    check_carry,
+    check_params,
+    sequence_mask,
+    trajectory,
+    unroll,
+)
 
 __version__ = "0.1.0"
 
@@ -126,6 +134,7 @@ __all__ = [
     "unroll",
     "trajectory",
     "Trajectory",
+    "UNROLL_OPTIONS",
     "sequence_mask",
     "learnable_carry",
     "check_params",

@@ -77,8 +77,10 @@ def positive_int(value: Any, name: str, what: str = "") -> int:
 
 def write_atomically(path, write: Callable[[Any], None], *, newline: str | None = None) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``: a
-    reader never sees a half-written file, and a crash leaves the old file in place."""
+    reader never sees a half-written file, and a crash leaves the old file in place. The
+    folder of ``path`` is created when missing."""
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", newline=newline) as f:
         write(f)

@@ -37,7 +37,7 @@ import numpy as np
 from seqjax._scan import batch_shape_of_xs, time_axis_of, time_scan
 from seqjax._util import cast_floating, compute_dtype, positive_int, promote
 from seqjax.cells import Cell
-from seqjax.gradients import Autodiff
+from seqjax.gradients import Auto, Autodiff, resolve
 from seqjax.unroll import unroll
 
 __all__ = [
@@ -55,7 +55,7 @@ def fused_supported(cell: Cell) -> bool:
     """Whether ``cell`` carries a fused BPTT kernel (its ``kernel`` capability).
 
     Built-in ``rnn``, ``lstm`` (without projection), ``gru`` and ``janet`` carry one, and so
-    do ``learnable_carry``, ``stack`` (without dropout) and ``seqjax.cells.wrap`` of cells
+    do ``learnable_carry``, ``stack`` and ``seqjax.cells.wrap`` of cells
     that do. A cell without one runs through autodiff of the plain scan, which gives the
     same gradients, only slower.
     """
@@ -259,7 +259,9 @@ def gradient_norms(
         last-step loss).
       direct: include the direct path ``s_t -> y_t`` (needs ``cell.output``); ``False``
         counts only the path through later steps.
-      **unroll_kwargs: passed to ``unroll`` (``lengths``, ``mask``, ``reverse``, ...).
+      **unroll_kwargs: passed to ``unroll`` (``lengths``, ``mask``, ``reverse``, ...);
+        ``gradient`` may be ``Autodiff()`` (the default), ``Remat(k)`` or a ``Truncate`` of them
+        (a ``Truncate`` gives the truncated ``dL/ds_t``); ``Fused()`` is refused.
 
     Returns:
       ``GradientNorms(norms, leaf_norms)``, arrays in the layout of ``xs`` without features.
@@ -270,6 +272,14 @@ def gradient_norms(
       gn.norms.mean(0)   # (T,): ||dL_T/dh_{T-k}|| against the lag k
     """
 
+    gradient = unroll_kwargs.pop("gradient", None)
+    if gradient is None or isinstance(gradient, Auto):
+        gradient = Autodiff()
+    if resolve(gradient).kernel == "require":
+        raise ValueError(
+            f"gradient_norms(gradient={gradient!r}): the perturbation of every step's carry runs on the "
+            "plain scan, never a fused kernel; use Autodiff(), Remat(k) or Truncate(k, base=Autodiff())."
+        )
     if direct and cell.output is None:
         raise ValueError(
             "gradient_norms: this cell has no output capability, so how y_t depends on the carry "
@@ -314,7 +324,7 @@ def gradient_norms(
     def loss(eps):
         xe = jnp.concatenate([xs.astype(dtype), eps], axis=-1)
         _, ys = unroll(
-            wrapped, params, xe, carry=carry, time_axis=time_axis, gradient=Autodiff(), **unroll_kwargs
+            wrapped, params, xe, carry=carry, time_axis=time_axis, gradient=gradient, **unroll_kwargs
         )
         return loss_fn(ys)
 

@@ -85,10 +85,11 @@ class Layer(NamedTuple):
 
     Attributes:
       init: ``(key, input_size) -> params``.
-      apply: ``(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None)
+      apply: ``(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None, **options)
         -> (final_carry, ys)`` with ``xs: (*batch, T, I)`` (time at ``time_axis``),
         ``ys: (*batch, T, O)``, ``lengths: (*batch,)``; outputs past each sequence's length
-        are zero, as in ``unroll``.
+        are zero, as in ``unroll``. ``options`` are options of ``unroll`` (``mask``,
+        ``resets``, ``gradient``, ``solver``, and ``reverse`` for a cell's layer).
       initial_carry: ``(params, batch_shape=()) -> carry`` (zeros).
       meta: a ``CellMeta`` describing the layer for people (``name`` ``"recurrent"``,
         ``"bidirectional"`` or ``"stack_layers"``), or ``None``; never read to choose a path.
@@ -182,10 +183,11 @@ def as_layer(cell: Cell, **options) -> Layer:
 
     Args:
       cell: any ``Cell``.
-      **options: options of ``unroll`` fixed for this layer (``seqjax.unroll.UNROLL_OPTIONS``
-        but ``carry``), e.g. ``reverse=True`` (read each sequence backwards, from its own last
-        valid step when ``lengths`` is given; outputs stay in input order),
-        ``gradient=seqjax.gradients.Remat(8)`` or ``solver=...``. ``apply`` also forwards any
+      **options: options of ``unroll`` fixed for this layer: ``reverse``, ``mask``,
+        ``resets``, ``gradient``, ``solver`` (``carry``, ``lengths`` and ``time_axis`` are
+        arguments of ``apply``), e.g. ``reverse=True`` (read each sequence backwards, from its
+        own last valid step when ``lengths`` is given; outputs stay in input order) or
+        ``gradient=seqjax.gradients.Remat(8)``. ``apply`` also forwards any
         of them per call (``mask=``, ``resets=``, ...), a per-call value winning.
 
     Returns:
@@ -198,11 +200,16 @@ def as_layer(cell: Cell, **options) -> Layer:
       layer = as_layer(seqjax.lstm(32), reverse=True, gradient=seqjax.gradients.Remat(10))
       carry, ys = layer.apply(params, xs, lengths=lengths)
     """
+    fixed = check_options("as_layer", options, _LAYER_OPTIONS)
     if isinstance(cell, Layer):
+        if fixed:
+            raise TypeError(
+                f"as_layer: options ({', '.join(sorted(fixed))}) are fixed when a Cell becomes a Layer; "
+                "this is already a Layer: pass them to its apply(...) instead."
+            )
         return cell
     if not isinstance(cell, Cell):
         raise TypeError(f"as_layer: cell must be a seqjax.Cell, got {type(cell).__name__}.")
-    fixed = check_options("as_layer", options, _LAYER_OPTIONS)
 
     def apply(params, xs, *, carry=None, lengths=None, time_axis=-2, key=None, **call):
         del key
@@ -224,6 +231,15 @@ _MERGES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "mean": lambda a, b: 0.5 * (a + b),
     "mul": lambda a, b: a * b,
 }
+
+
+def _episode_ends(resets, ta: int) -> jax.Array:
+    """Resets for the backward pass: ``resets[t + 1]`` (false at the last step). A forward
+    reset before step ``t + 1`` ends an episode at ``t``, where the backward pass, reading
+    from the end, must start from the initial carry."""
+    r = jnp.moveaxis(jnp.asarray(resets, bool), ta, -1)
+    r = jnp.concatenate([r[..., 1:], jnp.zeros_like(r[..., :1])], axis=-1)
+    return jnp.moveaxis(r, -1, ta)
 
 
 def bidirectional(
@@ -257,7 +273,9 @@ def bidirectional(
         ``"mean"``, ``"mul"``, or a callable ``(y_fwd, y_bwd) -> y`` acting on
         ``(*batch, T, O)`` arrays.
       **options: options of ``unroll`` for both directions (``mask``, ``resets``,
-        ``gradient``, ``solver``); ``apply`` forwards them per call too.
+        ``gradient``, ``solver``); ``apply`` forwards them per call too. ``resets`` mark the
+        first step of each episode (as in ``unroll``); the backward cell starts each episode
+        from the initial carry at the episode's last step.
 
     Returns:
       A ``Layer``. ``apply``'s ``carry`` is a ``BiCarry`` (or ``None``: zeros).
@@ -300,13 +318,20 @@ def bidirectional(
         if carry is not None and (not isinstance(carry, tuple) or len(carry) != 2):
             raise ValueError("bidirectional: carry must be a BiCarry(fwd, bwd) (or None for zeros).")
         c_f, c_b = (None, None) if carry is None else carry
+        kw_b = dict(kw)
+        if kw.get("resets") is not None:  # the backward pass starts each episode at its last step
+            kw_b["resets"] = _episode_ends(kw["resets"], time_axis_of(time_axis, jnp.ndim(xs), name="xs"))
         h_f, y_f = unroll(fwd_cell, params["fwd"], xs, carry=c_f, lengths=lengths, time_axis=time_axis, **kw)
         h_b, y_b = unroll(
-            bwd_cell, params["bwd"], xs, carry=c_b, lengths=lengths, time_axis=time_axis, reverse=True, **kw
+            bwd_cell, params["bwd"], xs, carry=c_b, lengths=lengths, time_axis=time_axis, reverse=True, **kw_b
         )
         ys = merge_fn(y_f, y_b)
-        if lengths is not None and merge_fn not in _MERGES.values():
-            m = _time_mask(lengths, ys, time_axis)
+        if merge_fn not in _MERGES.values() and (lengths is not None or kw.get("mask") is not None):
+            m = jnp.ones(ys.shape[:-1], bool)
+            if lengths is not None:
+                m = m & _time_mask(lengths, ys, time_axis)
+            if kw.get("mask") is not None:
+                m = m & jnp.asarray(kw["mask"], bool)
             ys = jnp.where(m[..., None], ys, jnp.zeros_like(ys))
         return BiCarry(h_f, h_b), ys
 

@@ -125,18 +125,28 @@ class Recurrent(nnx.Module):
         Args:
           xs: ``(*batch, T, I)`` (or time-major with ``time_axis=0``).
           **options: any option of ``seqjax.unroll`` (``carry``, ``lengths``, ``mask``,
-            ``resets``, ``reverse``, ``time_axis``, ``gradient``, ``solver``); for dropout
-            wrap the cell (``seqjax.cells.dropout``).
+            ``resets``, ``reverse``, ``time_axis``, ``gradient``, ``solver``). For dropout,
+            unroll a dropout cell built with a fresh key inside the loss:
+            ``seqjax.unroll(seqjax.cells.dropout(module.cell, recurrent_rate=r, key=k),
+            module.to_params(), xs)``.
 
         Returns:
           ``(carry, ys)`` with ``ys: (*batch, T, H)``.
         """
-        return unroll(self.cell, self.to_params(), xs, **check_options("Recurrent", options))
+        for old in ("return_carries", "return_gates", "gates"):
+            if old in options:
+                raise TypeError(
+                    f"Recurrent.__call__() has no {old}= option (seqjax 0.2): use module.trajectory(xs"
+                    + (", gates=True" if old != "return_carries" else "")
+                    + ") for every step's carries and gates."
+                )
+        return unroll(self.cell, self.to_params(), xs, **check_options("Recurrent.__call__", options))
 
     def trajectory(self, xs: jax.Array, *, gates: bool = False, **options):
         """``seqjax.trajectory(cell, self.to_params(), xs, gates=gates, **options)``: every
         step's carry (and gates), a ``seqjax.Trajectory``."""
-        return trajectory(self.cell, self.to_params(), xs, gates=gates, **check_options("Recurrent", options))
+        options = check_options("Recurrent.trajectory", options)
+        return trajectory(self.cell, self.to_params(), xs, gates=gates, **options)
 
 
 def _input_size_of(cell: Cell, params: Any) -> int:

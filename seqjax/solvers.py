@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from seqjax._scan import time_scan
+from seqjax._util import positive_int
 
 __all__ = ["Solver", "Sequential"]
 
@@ -48,9 +49,8 @@ class Sequential(Solver):
     runs_kernels = True
 
     def __post_init__(self):
-        u = self.unroll
-        if not isinstance(u, bool) and not (isinstance(u, int) and u >= 1):
-            raise ValueError(f"Sequential(unroll=...) must be a positive integer or a bool, got {u!r}.")
+        if not isinstance(self.unroll, bool):
+            positive_int(self.unroll, "Sequential(unroll=...)", " or a bool")
 
     def scan(self, body, carry0, xs, *, reverse: bool = False):
         """``lax.scan(body, carry0, xs, reverse=reverse, unroll=self.unroll)``."""

@@ -215,6 +215,10 @@ def check_options(fn: str, options: dict, allowed: tuple[str, ...] = UNROLL_OPTI
         if name not in allowed:
             if name in _RENAMED:
                 refuse_renamed(fn, {name: None})
+            if name == "gates":
+                raise TypeError(
+                    f"{fn}() has no gates option: gates come from a trajectory (trajectory(..., gates=True))."
+                )
             raise TypeError(
                 f"{fn}() got an unexpected option {name!r}; the options are {', '.join(allowed)}."
             )
@@ -421,8 +425,13 @@ def unroll(
     steps come first in reverse order and leave the carry at its initial value).
 
     Resets: where ``resets[b, t]`` is true the carry returns to its initial value (the
-    ``carry`` given, or the cell's initial carry) *before* step ``t``: ``x_t`` starts a new
-    episode.
+    ``carry`` given, or the cell's initial carry) *before* step ``t`` is read: ``x_t`` starts a
+    new episode. With ``reverse=True`` this is in scan order, so a flag marks the step a
+    backward pass starts from, the *last* step of an episode in time order
+    (``bidirectional`` shifts its ``resets`` by one step for its backward cell).
+
+    Truncation (``gradient=Truncate(k)``) counts scan positions, so with ``reverse=True`` the
+    cut points count from the end of the padded time axis.
 
     Args:
       cell: a ``Cell``.

@@ -551,3 +551,23 @@ def test_fused_learnable_carry(x64):
     ga, gf = jax.grad(loss)(p, Autodiff()), jax.grad(loss)(p, Fused())
     assert float(jnp.max(jnp.abs(ga["carry0"]))) > 0
     assert _rel(gf, ga) < 1e-12
+
+
+def test_gradient_norms_takes_autodiff_strategies():
+    """``gradient_norms(..., gradient=Remat(k))`` equals the default (the same sums); a
+    ``Truncate`` gives the truncated ``dL/ds_t`` (zero before the last cut for a last-step
+    loss); ``Fused()`` is refused with a message."""
+    cell = sj.lstm(3)
+    p = cell.init(jax.random.key(0), 2)
+    xs = jax.random.normal(jax.random.key(1), (2, 6, 2))
+
+    def loss(ys):
+        return jnp.sum(ys[:, -1] ** 2)
+
+    base = gradient_norms(cell, p, xs, loss).norms
+    np.testing.assert_allclose(gradient_norms(cell, p, xs, loss, gradient=Remat(2)).norms, base, rtol=1e-6)
+    cut = gradient_norms(cell, p, xs, loss, gradient=Truncate(2, base=Autodiff())).norms
+    np.testing.assert_allclose(cut[:, 4:], base[:, 4:], rtol=1e-6)
+    assert np.all(cut[:, :4] == 0) and np.all(base[:, :4] > 0)
+    with pytest.raises(ValueError, match="never a fused kernel"):
+        gradient_norms(cell, p, xs, loss, gradient=Fused())

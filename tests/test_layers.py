@@ -14,7 +14,7 @@ import pytest
 from helpers import assert_trees_close
 
 from seqjax import CellMeta, LSTMState, check_params, gru, lstm, rnn, trajectory, unroll
-from seqjax.gradients import Autodiff, Remat
+from seqjax.gradients import Autodiff, Fused, Remat
 from seqjax.layers import (
     BiCarry,
     Layer,
@@ -26,6 +26,7 @@ from seqjax.layers import (
     stack,
     stack_layers,
 )
+from seqjax.testing import CHECKS, check_cell
 
 TOL = 1e-12
 
@@ -110,9 +111,15 @@ def test_stack_dropout_is_keyed_shared_over_time_and_documented(x64):
     xs = _xs(3, (4, 5, 2))
     key = jax.random.key(42)
     cell = stack(cells, dropout=rate, key=key)
-    assert cell.kernel is None and cell.meta.option("dropout") == rate  # dropout changes the step
+    assert cell.kernel is not None and cell.meta.option("dropout") == rate  # masks on each layer's input
     other = stack(cells, dropout=rate, key=jax.random.key(7))
-    ys, ys_other = jax.jit(lambda p, x: (unroll(cell, p, x)[1], unroll(other, p, x)[1]))(params, xs)
+    ys, ys_plain, ys_other = jax.jit(
+        lambda p, x: (
+            unroll(cell, p, x, gradient=Fused())[1],
+            unroll(cell, p, x, gradient=Autodiff())[1],
+            unroll(other, p, x)[1],
+        )
+    )(params, xs)
     # reference: layer by layer, one Bernoulli mask per sequence from fold_in(key, 1),
     # the same at every step (variational dropout)
     keep = jax.random.bernoulli(jax.random.fold_in(key, 1), 1 - rate, (4, 6)).astype(jnp.float64) / (1 - rate)
@@ -123,6 +130,7 @@ def test_stack_dropout_is_keyed_shared_over_time_and_documented(x64):
         return unroll(cells[1], p[1], y1 * keep[:, None, :])[1]
 
     assert_trees_close(ys, ref_fn(params, xs), rtol=0, atol=TOL)
+    assert_trees_close(ys_plain, ref_fn(params, xs), rtol=0, atol=TOL)
     assert 0 < float(jnp.mean(keep == 0)) < 1
     assert not np.allclose(np.asarray(ys), np.asarray(ys_other))
     with pytest.raises(ValueError, match="key"):
@@ -310,3 +318,37 @@ def test_stack_layers_forwards_unroll_options():
     assert_trees_close(ys, y1, rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="solver=seqjax.solvers.Sequential"):
         net.apply(params, xs, unroll=2)
+
+
+def test_bidirectional_resets_start_each_episode_in_both_directions():
+    """``resets`` mark the first step of an episode; a bidirectional layer over two episodes
+    equals the layer run on each episode alone (the backward cell starts each episode from
+    zeros at the episode's last step). Float32, 1e-6."""
+    layer = bidirectional(gru(3), lstm(2))
+    params = layer.init(jax.random.key(0), 4)
+    xs = jax.random.normal(jax.random.key(1), (2, 9, 4))
+    resets = np.zeros((2, 9), bool)
+    resets[:, 5] = True
+    _, ys = jax.jit(lambda p, x: layer.apply(p, x, resets=resets))(params, xs)
+    _, first = layer.apply(params, xs[:, :5])
+    _, second = layer.apply(params, xs[:, 5:])
+    assert_trees_close(ys, jnp.concatenate([first, second], axis=1), rtol=1e-6, atol=1e-6)
+
+
+def test_as_layer_of_a_layer_refuses_options():
+    layer = as_layer(rnn(3))
+    assert as_layer(layer) is layer
+    with pytest.raises(TypeError, match="already a Layer"):
+        as_layer(layer, reverse=True)
+    with pytest.raises(TypeError, match="unexpected option 'bogus'"):
+        as_layer(layer, bogus=1)
+
+
+def test_dropout_stack_keeps_every_capability_exact():
+    """``check_cell`` on ``stack(..., dropout=)``: the kernel (every option) against autodiff,
+    the diagonal against ``jax.jacfwd``, output and gates against the step. Not ``vmap``: the
+    masks take the batch shape the step sees (documented)."""
+    cell = stack([lstm(3), gru(2), rnn(2)], dropout=0.4, key=jax.random.key(3))
+    checks = [c for c in CHECKS if c != "vmap"]
+    report = check_cell(cell, input_size=2, batch=2, steps=4, checks=checks)
+    assert "kernel[combined]" in report.passed and "jacobian_diagonal" in report.passed

@@ -80,8 +80,10 @@ def test_module_forwards_unroll_options_and_trajectory():
     assert isinstance(tr, sj.Trajectory)
     assert_trees_close(tr, want, **TOL)
     assert mod.trajectory(xs).gates is None
-    with pytest.raises(TypeError, match=r"no longer takes return_carries=.*seqjax.trajectory"):
+    with pytest.raises(TypeError, match=r"no return_carries= option.*module.trajectory\(xs\)"):
         mod(xs, return_carries=True)
+    with pytest.raises(TypeError, match=r"no gates= option.*module.trajectory\(xs, gates=True\)"):
+        mod(xs, gates=True)
     with pytest.raises(TypeError, match=r"no longer takes recurrent_dropout=.*seqjax.cells.dropout"):
         mod(xs, recurrent_dropout=0.2, key=jax.random.key(0))
     bi = Bidirectional(GRU(I, H, rngs=nnx.Rngs(1)), GRU(I, H, rngs=nnx.Rngs(2)))

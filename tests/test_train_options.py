@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from seqjax._util import write_atomically
 from seqjax.train import (
     Checkpoints,
     Evaluation,
@@ -396,3 +397,17 @@ def test_evaluate_weights_batches_by_size_in_float64():
     assert calls == [3, 1]
     with pytest.raises(ValueError, match="no batches"):
         evaluate(ev, None, [])
+
+
+def test_evaluation_refuses_one_shot_iterators():
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        Evaluation(b for b in [1, 2])
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        Evaluation(iter([1, 2]))
+    assert Evaluation([1, 2]).data == [1, 2]
+
+
+def test_atomic_writes_create_the_folder(tmp_path):
+    path = tmp_path / "new" / "deeper" / "history.json"
+    write_atomically(path, lambda f: f.write("[]"))
+    assert path.read_text() == "[]" and not (path.parent / "history.json.tmp").exists()

@@ -407,3 +407,33 @@ def test_old_keywords_name_the_new_spelling(fn, name):
 def test_sequence_mask():
     m = sj.sequence_mask(jnp.array([0, 2, 4]), 4)
     np.testing.assert_array_equal(m, np.array([[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], bool))
+
+
+def test_dropout_of_a_stack_drops_h_not_c_layer_by_layer():
+    """The h rule holds per layer of a stack: with h = 0 and c != 0, recurrent dropout of the
+    state changes nothing (c is never dropped), so the step equals the plain stack's."""
+    cell = sj.stack([sj.lstm(3), sj.lstm(2)])
+    params = cell.init(jax.random.key(0), 4)
+    carry = cell.initial_carry(params, (5,))
+    carry = tuple(c._replace(c=jnp.full(c.c.shape, 0.7)) for c in carry)
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    dropped = sj.cells.dropout(cell, recurrent_rate=0.5, key=jax.random.key(2))
+    np.testing.assert_allclose(dropped.step(params, carry, x)[1], cell.step(params, carry, x)[1], rtol=1e-6)
+    carry_h = tuple(c._replace(h=jnp.ones(c.h.shape)) for c in carry)
+    assert not np.allclose(dropped.step(params, carry_h, x)[1], cell.step(params, carry_h, x)[1])
+
+
+def test_dropout_keys_are_checked_when_built():
+    with pytest.raises(ValueError, match="key must be a PRNG key"):
+        sj.cells.dropout(sj.lstm(3), input_rate=0.1, key=0)
+    with pytest.raises(ValueError, match="key must be a PRNG key"):
+        sj.stack([sj.rnn(3), sj.rnn(3)], dropout=0.2, key=np.zeros(3))
+    sj.cells.dropout(sj.lstm(3), input_rate=0.1, key=jax.random.PRNGKey(0))  # legacy keys work
+
+
+def test_solver_and_nnx_messages():
+    assert sj.solvers.Sequential(unroll=np.int64(2)).unroll == 2
+    cell = sj.rnn(3)
+    params = cell.init(jax.random.key(0), 2)
+    with pytest.raises(TypeError, match=r"gates come from a trajectory"):
+        sj.as_layer(cell).apply(params, jnp.ones((1, 4, 2)), gates=True)

@@ -12,9 +12,10 @@ capabilities of its inner cells, keeping what stays exact and dropping what does
   made of each layer's own diagonal at its own input), the fused kernels compose layer by
   layer (accepting the options every layer accepts). The full Jacobian has off-diagonal
   blocks through the layers' input Jacobians: it falls back to autodiff. Dropout between
-  layers changes the step: a dropout stack keeps the output rule and the gates (with its
-  masks) and drops the kernels and the diagonal. Its masks take the batch shape the step
-  sees, so analyse a stack built without dropout (the spectrum tools vmap single steps).
+  layers multiplies each layer's input by a fixed mask: a dropout stack keeps the output
+  rule, the gates, the diagonal and the kernels, each with the masks. Its masks take the
+  batch shape the step sees, so analyse a stack built without dropout (the spectrum tools
+  vmap single steps).
 """
 
 from __future__ import annotations
@@ -137,6 +138,22 @@ def _check_rate(rate, name: str) -> float:
     return float(rate)
 
 
+def _check_key(key, where: str):
+    """``key`` if it is a PRNG key (typed, or legacy ``uint32[2]``) or ``None``; else ``ValueError``."""
+    if key is None:
+        return None
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    legacy = dtype == jnp.uint32 and tuple(getattr(key, "shape", ())) == (2,)
+    if not (typed or legacy):
+        raise ValueError(
+            f"{where}: key must be a PRNG key such as jax.random.key(0), got {type(key).__name__}"
+            + (f" of dtype {dtype} and shape {tuple(key.shape)}" if dtype is not None else "")
+            + "."
+        )
+    return key
+
+
 def _recurrent_field(carry):
     """``"h"`` for a carry NamedTuple with an ``h`` field (recurrent dropout acts there), else
     ``None`` (it acts on every floating leaf)."""
@@ -145,7 +162,10 @@ def _recurrent_field(carry):
 
 def _carry_masks(carry, key, rate):
     """A pytree like ``carry``: keep masks (scaled by ``1/(1 - rate)``) on the leaves recurrent
-    dropout acts on, ``None`` elsewhere."""
+    dropout acts on, ``None`` elsewhere. A plain tuple (a stack's carry) follows the rule per
+    element, with the key folded with the element's index."""
+    if type(carry) is tuple:
+        return tuple(_carry_masks(c, jax.random.fold_in(key, i), rate) for i, c in enumerate(carry))
     field = _recurrent_field(carry)
     target = getattr(carry, field) if field else carry
     leaves, treedef = jax.tree_util.tree_flatten(target)
@@ -232,14 +252,15 @@ def dropout(cell: Cell, *, input_rate: float = 0.0, recurrent_rate: float = 0.0,
 
     with ``m_x ~ Bernoulli(1 - input_rate) / (1 - input_rate)`` of shape ``(*batch, I)`` and
     ``m_s`` likewise on the ``h`` field of a carry that has one (``LSTMState``: the cell state
-    ``c`` is not dropped), else on every floating carry leaf. The masks are drawn inside the
+    ``c`` is not dropped), else on every floating carry leaf; a stack's carry (a tuple) follows
+    this rule layer by layer. The masks are drawn inside the
     step from ``key`` (``k_x, k_s = split(key)``), so every step draws the same ones. Held
     (masked) steps of ``unroll`` keep the undropped carry.
 
     Build it with a fresh key for each training step, inside the jitted loss; evaluate with
     the plain cell (the params are the same). Like ``stack(..., dropout=)``, the masks take the
     batch shape the step sees, so one sequence run alone draws other masks than in a batch:
-    analyse the plain cell.
+    analyse the plain cell (and leave out the ``"vmap"`` check of ``seqjax.testing.check_cell``).
 
     Capabilities: ``output`` and ``gates`` with the masks; ``jacobian`` and
     ``jacobian_diagonal`` exact, ``J = J_cell(m_s * s, m_x * x) diag(m_s)``; the fused
@@ -267,7 +288,7 @@ def dropout(cell: Cell, *, input_rate: float = 0.0, recurrent_rate: float = 0.0,
     drop = {
         "input_rate": _check_rate(input_rate, "input_rate"),
         "recurrent_rate": _check_rate(recurrent_rate, "recurrent_rate"),
-        "key": key,  # bind holds the key by identity
+        "key": _check_key(key, "dropout"),  # bind holds the key by identity
     }
     if key is None:
         raise ValueError(
@@ -349,19 +370,22 @@ def _stack_output(params, carry, x, *, cells, rate, key):
     return y
 
 
-def _stack_diagonal(params, carry, x, *, cells):
+def _stack_diagonal(params, carry, x, *, cells, rate=0.0, key=None):
     parts = []
     y = x
-    for c, p, h in zip(cells, params, carry, strict=True):
+    for l, (c, p, h) in enumerate(zip(cells, params, carry, strict=True)):
+        y = _drop(y, l, rate, key)
         parts.append(c.jacobian_diagonal(p, h, y))
         _, y = c.step(p, h, y)
     return jnp.concatenate(parts, axis=-1)
 
 
-def _stack_run(params, carry0, xs, *, cells, trajectory=False, **options):
+def _stack_run(params, carry0, xs, *, cells, rate=0.0, key=None, trajectory=False, **options):
     finals, carries = [], []
     ys = xs
-    for c, p, c0 in zip(cells, params, carry0, strict=True):
+    for l, (c, p, c0) in enumerate(zip(cells, params, carry0, strict=True)):
+        if l and rate:  # the step's mask (one per sequence, every step): the same on all of ys
+            ys = ys * _keep_mask(jax.random.fold_in(key, l), rate, ys.shape[1:], ys.dtype)[None]
         final, ys, cs = c.kernel.run(p, c0, ys, trajectory=trajectory, **options)
         finals.append(final)
         carries.append(cs)
@@ -389,8 +413,8 @@ def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None 
     of layer ``l-1``. Carry: a tuple of the cells' carries.
 
     Capabilities (each when every layer has it): output rule, Jacobian diagonal and fused
-    kernel (both not with dropout), gates (``{"layer_0": gates_0, ...}``); ``input_size``
-    from the first layer.
+    kernel (with dropout too: the masks are applied to each layer's input), gates
+    (``{"layer_0": gates_0, ...}``); ``input_size`` from the first layer.
 
     Args:
       cells: one or more ``Cell``.
@@ -421,18 +445,18 @@ def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None 
     rate = _check_rate(dropout, "dropout")
     if rate and key is None:
         raise ValueError("stack: dropout > 0 needs a PRNG key: stack(cells, dropout=rate, key=key).")
+    _check_key(key if rate else None, "stack")
     drop = {"cells": cells, "rate": rate, "key": key if rate else None}  # bind holds the key by identity
     caps = {}
     if all(c.output is not None for c in cells):
         caps["output"] = bind(_stack_output, **drop)
     if all(c.gates is not None for c in cells):
         caps["gates"] = bind(_stack_gates, **drop)
-    if not rate:
-        if all(c.jacobian_diagonal is not None for c in cells):
-            caps["jacobian_diagonal"] = bind(_stack_diagonal, cells=cells)
-        if all(c.kernel is not None for c in cells):
-            accepts = frozenset.intersection(*(c.kernel.accepts for c in cells))
-            caps["kernel"] = Kernel(bind(_stack_run, cells=cells), accepts)
+    if all(c.jacobian_diagonal is not None for c in cells):
+        caps["jacobian_diagonal"] = bind(_stack_diagonal, **drop)
+    if all(c.kernel is not None for c in cells):
+        accepts = frozenset.intersection(*(c.kernel.accepts for c in cells))
+        caps["kernel"] = Kernel(bind(_stack_run, **drop), accepts)
     if cells[0].input_size is not None:
         caps["input_size"] = bind(_stack_input_size, cell=cells[0])
     last = cells[-1].meta

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax._scan import time_axis_of
 from seqjax._util import promote
 from seqjax.cells import Cell
 from seqjax.spectrum.state import _flat_step, _like, _vmap_lead, flatten_state, unflatten_state
@@ -124,14 +125,7 @@ class StepJacobians(NamedTuple):
 
 def _batch_major(xs, time_axis):
     xs = jnp.asarray(xs)
-    if xs.ndim < 2:
-        raise ValueError(
-            f"xs has shape {tuple(xs.shape)} but needs at least 2 dims: (*batch, T, I) (time_axis=-2)."
-        )
-    ta = time_axis + xs.ndim if time_axis < 0 else time_axis
-    if not 0 <= ta < xs.ndim - 1:
-        raise ValueError(f"time_axis={time_axis} is not a valid time axis for xs of shape {tuple(xs.shape)}.")
-    return jnp.moveaxis(xs, ta, -2)
+    return jnp.moveaxis(xs, time_axis_of(time_axis, xs.ndim, name=f"xs of shape {tuple(xs.shape)}"), -2)
 
 
 def _trajectory(cell, params, xs_bm, carry):

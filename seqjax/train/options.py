@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from seqjax._util import positive_int
@@ -50,7 +50,8 @@ class Evaluation:
     Attributes:
       data: arrays (a pytree whose leaves share a leading example axis ``N``, with the
         per-example shapes and dtypes of the training batches) or a finite iterable of
-        batches; not a function (an endless stream has no mean).
+        batches that can be read more than once (a list, not a generator); not a function
+        (an endless stream has no mean).
       every: evaluate every ``every`` steps, a multiple of ``Logging.every`` (evaluations
         are reported in the log rows); default ``None``: at every log row. There is always
         an evaluation at the end.
@@ -73,6 +74,11 @@ class Evaluation:
             raise ValueError(
                 "Evaluation.data must be arrays or a finite iterable of batches, not a function "
                 "key -> batch (draw a fixed set once: Evaluation(make_batch(key, n)))."
+            )
+        if isinstance(self.data, Iterator):
+            raise ValueError(
+                "Evaluation.data is a one-shot iterator (a generator, or iter(...)): it would be "
+                "empty at the second evaluation. Pass a list of batches, or arrays."
             )
         _optional_positive(self.every, "Evaluation.every")
         _optional_positive(self.batch_size, "Evaluation.batch_size")
