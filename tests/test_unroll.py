@@ -332,7 +332,7 @@ def test_dropout_recurrent_rate_drops_kernel_and_bound():
     "make,rates",
     [
         (lambda: sj.lstm(3), dict(input_rate=0.3, recurrent_rate=0.4)),
-        (lambda: sj.gru(3), dict(input_rate=0.3)),
+        pytest.param(lambda: sj.gru(3), dict(input_rate=0.3), marks=pytest.mark.slow),
     ],
     ids=["lstm-both", "gru-input"],
 )
