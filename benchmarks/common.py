@@ -102,7 +102,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:  # pragma: no cover
         load = None
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"),
         "platform": platform.platform(),
         "cpu_model": _cpu_model(),
         "cores": cpu_count(),
