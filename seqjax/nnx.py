@@ -133,20 +133,21 @@ class Recurrent(nnx.Module):
         Returns:
           ``(carry, ys)`` with ``ys: (*batch, T, H)``.
         """
-        for old in ("return_carries", "return_gates", "gates"):
-            if old in options:
-                raise TypeError(
-                    f"Recurrent.__call__() has no {old}= option (seqjax 0.2): use module.trajectory(xs"
-                    + (", gates=True" if old != "return_carries" else "")
-                    + ") for every step's carries and gates."
-                )
-        return unroll(self.cell, self.to_params(), xs, **check_options("Recurrent.__call__", options))
+        options = check_options("Recurrent.__call__", options, hints=_TRAJECTORY_HINTS)
+        return unroll(self.cell, self.to_params(), xs, **options)
 
     def trajectory(self, xs: jax.Array, *, gates: bool = False, **options):
         """``seqjax.trajectory(cell, self.to_params(), xs, gates=gates, **options)``: every
         step's carry (and gates), a ``seqjax.Trajectory``."""
         options = check_options("Recurrent.trajectory", options)
         return trajectory(self.cell, self.to_params(), xs, gates=gates, **options)
+
+
+_TRAJECTORY_HINTS = {
+    "return_carries": "use module.trajectory(xs) for every step's carries",
+    "return_gates": "use module.trajectory(xs, gates=True) for every step's gates",
+    "gates": "use module.trajectory(xs, gates=True) for every step's gates",
+}
 
 
 def _input_size_of(cell: Cell, params: Any) -> int:

@@ -208,17 +208,19 @@ UNROLL_OPTIONS = ("carry", "lengths", "mask", "resets", "reverse", "time_axis", 
 modules forward these without declaring them again."""
 
 
-def check_options(fn: str, options: dict, allowed: tuple[str, ...] = UNROLL_OPTIONS) -> dict:
+def check_options(
+    fn: str, options: dict, allowed: tuple[str, ...] = UNROLL_OPTIONS, *, hints: dict | None = None
+) -> dict:
     """``options`` if every key is an option of ``unroll`` in ``allowed``; else ``TypeError``
-    naming the 0.2 spelling of a 0.1 keyword, or the options that exist."""
+    with ``hints[name]`` when given (what a caller's own API offers instead), else the 0.2
+    spelling of a 0.1 keyword, else the options that exist."""
+    hints = {"gates": "gates come from a trajectory: trajectory(..., gates=True)", **(hints or {})}
     for name in options:
         if name not in allowed:
+            if name in hints:
+                raise TypeError(f"{fn}() has no {name}= option (seqjax 0.2): {hints[name]}.")
             if name in _RENAMED:
                 refuse_renamed(fn, {name: None})
-            if name == "gates":
-                raise TypeError(
-                    f"{fn}() has no gates option: gates come from a trajectory (trajectory(..., gates=True))."
-                )
             raise TypeError(
                 f"{fn}() got an unexpected option {name!r}; the options are {', '.join(allowed)}."
             )

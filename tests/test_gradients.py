@@ -112,16 +112,25 @@ def _run(cell, gradient, reverse, problem, solver=None):
     return ys, final, grads
 
 
-@pytest.mark.parametrize(
-    "reverse", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["forward", "reverse"]
-)
-@pytest.mark.parametrize("gradient", ACCEPTED, ids=repr)
-@pytest.mark.parametrize("with_kernel", [True, False], ids=["kernel", "no-kernel"])
-def test_accepted_strategy_matches_numpy_bptt(x64, problem, gradient, reverse, with_kernel):
-    if not with_kernel and repr(gradient) in NEEDS_KERNEL:
-        pytest.skip("refused: see test_fused_refusals")
-    if reverse and not with_kernel and not isinstance(gradient, Truncate):
-        pytest.skip("reverse without a kernel: the plain scan is covered by the Truncate cases")
+def _accepted_cases():
+    """(gradient, with_kernel, reverse) for every combination the strategies accept. A
+    kernel-less cell under ``Fused`` is refused (``test_fused_refusals``), so it is not a case;
+    reversal runs in the slow suite, without a kernel only for the ``Truncate`` strategies
+    (the plain reverse scan itself is the same for all of them)."""
+    cases = []
+    for g in ACCEPTED:
+        for with_kernel in (True, False):
+            if not with_kernel and repr(g) in NEEDS_KERNEL:
+                continue
+            name = f"{g!r}-{'kernel' if with_kernel else 'no-kernel'}"
+            cases.append(pytest.param(g, with_kernel, False, id=f"{name}-forward"))
+            if with_kernel or isinstance(g, Truncate):
+                cases.append(pytest.param(g, with_kernel, True, id=f"{name}-reverse", marks=pytest.mark.slow))
+    return cases
+
+
+@pytest.mark.parametrize("gradient, with_kernel, reverse", _accepted_cases())
+def test_accepted_strategy_matches_numpy_bptt(x64, problem, gradient, with_kernel, reverse):
     cell = sj.rnn(H) if with_kernel else sj.rnn(H)._replace(kernel=None)
     p, xs, c0, w, v, mask = problem
     ys, final, (gp, gx, gc) = _run(cell, gradient, reverse, problem)

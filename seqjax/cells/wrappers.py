@@ -186,13 +186,23 @@ def _apply_masks(carry, masks):
     )
 
 
+def _input_mask(key, rate, shape, dtype):
+    """``m_x`` for inputs of ``shape``: drawn from the first half of ``split(key)``."""
+    return _keep_mask(jax.random.split(key)[0], rate, shape, dtype)
+
+
+def _state_masks(carry, key, rate):
+    """``m_s`` for this carry (a tree like it, ``None`` where no mask acts): the second half
+    of ``split(key)``."""
+    return _carry_masks(carry, jax.random.split(key)[1], rate)
+
+
 def _dropped(carry, x, *, input_rate, recurrent_rate, key):
     """``(m_s * carry, m_x * x)`` with masks drawn from ``key`` for these shapes."""
-    k_x, k_h = jax.random.split(key)
     if input_rate:
-        x = x * _keep_mask(k_x, input_rate, x.shape, x.dtype)
+        x = x * _input_mask(key, input_rate, x.shape, x.dtype)
     if recurrent_rate:
-        carry = _apply_masks(carry, _carry_masks(carry, k_h, recurrent_rate))
+        carry = _apply_masks(carry, _state_masks(carry, key, recurrent_rate))
     return carry, x
 
 
@@ -206,8 +216,10 @@ def _dropout_gates(params, carry, x, *, cell, **drop):
     return cell.gates(params, c, x)
 
 
-def _dropout_output(params, carry, x, *, cell, **drop):
-    _, x = _dropped(carry, x, **drop)  # the output reads the new carry and the masked input
+def _dropout_output(params, carry, x, *, cell, input_rate, recurrent_rate, key):
+    del recurrent_rate  # the output reads the new carry (undropped) and the masked input
+    if input_rate:
+        x = x * _input_mask(key, input_rate, x.shape, x.dtype)
     return cell.output(params, carry, x)
 
 
@@ -224,22 +236,22 @@ def _flat_mask(carry, masks):
     return jnp.concatenate(parts) if parts else jnp.zeros((0,))
 
 
-def _dropout_jacobian(params, carry, x, *, cell, diagonal, **drop):
-    c, xd = _dropped(carry, x, **drop)
+def _dropout_jacobian(params, carry, x, *, cell, diagonal, input_rate, recurrent_rate, key):
     fn = cell.jacobian_diagonal if diagonal else cell.jacobian
-    J = fn(params, c, xd)
-    if not drop["recurrent_rate"]:
-        return J
-    _, k_h = jax.random.split(drop["key"])
-    d = _flat_mask(carry, _carry_masks(carry, k_h, drop["recurrent_rate"])).astype(J.dtype)
+    if input_rate:
+        x = x * _input_mask(key, input_rate, x.shape, x.dtype)
+    if not recurrent_rate:
+        return fn(params, carry, x)
+    m_s = _state_masks(carry, key, recurrent_rate)  # drawn once: for the state and for diag(m_s)
+    J = fn(params, _apply_masks(carry, m_s), x)
+    d = _flat_mask(carry, m_s).astype(J.dtype)
     return J * d if diagonal else J * d[None, :]
 
 
 def _dropout_run(params, carry0, xs, *, run, input_rate, key, **options):
     if not input_rate:
         return run(params, carry0, xs, **options)
-    k_x, _ = jax.random.split(key)
-    return run(params, carry0, xs * _keep_mask(k_x, input_rate, xs.shape[1:], xs.dtype)[None], **options)
+    return run(params, carry0, xs * _input_mask(key, input_rate, xs.shape[1:], xs.dtype)[None], **options)
 
 
 def dropout(cell: Cell, *, input_rate: float = 0.0, recurrent_rate: float = 0.0, key: jax.Array) -> Cell:
