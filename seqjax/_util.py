@@ -28,6 +28,7 @@ __all__ = [
     "cast_floating",
     "promote",
     "is_floating",
+    "same_treedef",
 ]
 
 
@@ -73,6 +74,12 @@ def positive_int(value: Any, name: str, what: str = "") -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer{what}, got {value!r}.")
     return int(value)
+
+
+def same_treedef(a: Any, b: Any) -> bool:
+    """Whether two ``PyTreeDef`` values are equal (``a == b``). A function of its own because
+    jaxlib ships no type stub for ``PyTreeDef``, so type checkers reject ``==`` on it."""
+    return bool(a == b)
 
 
 def write_atomically(path, write: Callable[[Any], None], *, newline: str | None = None) -> None:

@@ -114,10 +114,12 @@ def tbptt(
 
     The stream is cut into ``N = T // chunk`` consecutive chunks. Chunk ``n`` starts from the
     carry the previous chunk ended with, with its gradient stopped, so each chunk's loss
-    ``L_n = loss_fn(ys_n[, targets_n])`` is back-propagated through at most ``chunk`` steps::
+    ``L_n = loss_fn(ys_n[, targets_n])`` is back-propagated through at most ``chunk`` steps:
 
-        carry_n, ys_n = unroll(cell, params, x_n, carry=stop_gradient(carry_{n-1}))
-        g_n = dL_n / dparams
+    ```text
+    carry_n, ys_n = unroll(cell, params, x_n, carry=stop_gradient(carry_{n-1}))
+    g_n = dL_n / dparams
+    ```
 
     Without ``update`` the gradients are summed (``sum_n g_n``: the truncated gradient of the
     total loss, which equals ``unroll(..., gradient=Truncate(chunk))`` for a loss that sums over
@@ -126,7 +128,8 @@ def tbptt(
     updated after every chunk, as in online TBPTT training.
 
     Args:
-      cell, params: the cell and its params.
+      cell: the cell.
+      params: its params.
       xs: the stream ``(*batch, T, I)`` (or time-major with ``time_axis=0``).
       loss_fn: ``loss_fn(ys_n) -> scalar`` or, with ``targets``, ``loss_fn(ys_n, targets_n)``;
         ``ys_n`` has the layout of ``unroll``'s ``ys`` over one chunk.
@@ -142,10 +145,19 @@ def tbptt(
       Without ``update``: ``(losses (N,), grads, final_carry)``.
       With ``update``: ``(losses (N,), params, state, final_carry)``.
 
-    Example::
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.rnn(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> stream, target = jnp.ones((2, 10, 3)), jnp.zeros((2, 10, 4))
+      >>> def mse(ys, t):
+      ...     return jnp.mean((ys - t) ** 2)
+      >>> losses, grads, carry = seqjax.tbptt(cell, params, stream, mse, chunk=5, targets=target)
+      >>> print(losses.shape, grads["w_h"].shape, carry.shape)    # N = 10 // 5 chunks
+      (2,) (4, 4) (2, 4)
 
-      losses, grads, carry = tbptt(cell, params, stream, lambda ys, t: jnp.mean((ys - t) ** 2),
-                                   chunk=50, targets=target_stream)
+      ``grads`` is ``jax.grad`` of ``sum_n L_n`` through
+      ``unroll(cell, params, stream, gradient=seqjax.gradients.Truncate(5))``.
     """
 
     chunks = chunk_stream(xs, chunk, time_axis=time_axis)
@@ -249,7 +261,8 @@ def gradient_norms(
     the plain scan (any cell).
 
     Args:
-      cell, params: the cell and its params.
+      cell: the cell.
+      params: its params.
       xs: ``(*batch, T, I)`` (or per ``time_axis``).
       loss_fn: ``loss_fn(ys) -> scalar`` with ``ys`` as ``unroll`` returns them.
       carry: initial carry (default zeros).
@@ -266,10 +279,16 @@ def gradient_norms(
     Returns:
       ``GradientNorms(norms, leaf_norms)``, arrays in the layout of ``xs`` without features.
 
-    Example::
-
-      gn = gradient_norms(cell, params, xs, lambda ys: jnp.sum(ys[:, -1] ** 2), by_lag=True)
-      gn.norms.mean(0)   # (T,): ||dL_T/dh_{T-k}|| against the lag k
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.rnn(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> gn = seqjax.gradient_norms(cell, params, xs, lambda ys: jnp.sum(ys[:, -1] ** 2), by_lag=True)
+      >>> print(gn.norms.shape)                         # (B, T): ||dL_T/ds_{T-k}|| at lag k
+      (2, 5)
+      >>> bool(jnp.all(gn.norms[:, 0] > gn.norms[:, -1]))     # it vanishes with the lag
+      True
     """
 
     gradient = unroll_kwargs.pop("gradient", None)
@@ -286,6 +305,7 @@ def gradient_norms(
             "s_t is unknown. Give the cell one (Cell(..., output=lambda params, carry, x: y)) or "
             "pass direct=False to count only the path through later steps."
         )
+    output = cell.output if direct else None  # not None when direct (checked above)
     xs = jnp.asarray(xs)
     params, xs, carry, _ = promote(params, xs, carry)
     ta = time_axis_of(time_axis, xs.ndim, name=f"xs of shape {tuple(xs.shape)}")
@@ -315,8 +335,8 @@ def gradient_norms(
         x, e = xe[..., :I].astype(x_dtype), xe[..., I:]  # integer inputs (token ids) come back exact
         c_new, y = cell.step(p, c, x)
         c_pert = unflat_add(c_new, e)
-        if direct:  # the output read from the perturbed carry, as the cell defines it
-            y = cell.output(p, c_pert, x)
+        if output is not None:  # direct: the output read from the perturbed carry, as the cell defines it
+            y = output(p, c_pert, x)
         return c_pert, y
 
     wrapped = Cell(init, cell.initial_carry, step)

@@ -108,8 +108,10 @@ def gate_names(cell: Cell, params: Any, input_size: int, blocks: int) -> list[st
         x = jax.ShapeDtypeStruct((input_size,), jax.tree_util.tree_leaves(like)[0].dtype)
         order: list[str] = []  # eval_shape returns dicts with sorted keys: record the order traced
 
+        cell_gates = cell.gates
+
         def gates(p, c, x):
-            out = cell.gates(p, c, x)
+            out = cell_gates(p, c, x)
             order.extend(out)
             return out
 
@@ -126,11 +128,11 @@ def diagnose(cell: Cell, params: dict, xs: jax.Array, *, ys: jax.Array | None = 
 
     * gradient against lag: given targets ``ys: (B, O)`` of a many-to-one MSE model
       ``o = h_T W + b`` (``params["head"] = {"w", "b"}``), the loss gradient
-      :math:`g_T = \partial L/\partial s_T` is carried back,
-      :math:`g_{T-L} = g_T J_T \cdots J_{T-L+1}` (``lag_log_norms`` with that cotangent), and
-      ``grad_log10[L-1]`` is the mean of :math:`\log_{10} \|g_{T-L}\| / \|g_T\|`; without
-      targets it is the mean of :math:`\log_{10} \|J_T \cdots J_{T-L+1}\|_2`;
-    * the memory path of multi-leaf carries: :math:`\sum_{t > T-L} \log_{10} |(J_t)_{uu}|`
+      $g_T = \partial L/\partial s_T$ is carried back,
+      $g_{T-L} = g_T J_T \cdots J_{T-L+1}$ (``lag_log_norms`` with that cotangent), and
+      ``grad_log10[L-1]`` is the mean of $\log_{10} \|g_{T-L}\| / \|g_T\|$; without
+      targets it is the mean of $\log_{10} \|J_T \cdots J_{T-L+1}\|_2$;
+    * the memory path of multi-leaf carries: $\sum_{t > T-L} \log_{10} |(J_t)_{uu}|$
       per memory unit ``u`` (exact for the LSTM's cell state, whose block of ``J_t`` is
       ``diag(f_t)``);
     * the Lyapunov spectrum (``lyapunov_spectrum``, warm-up ``min(10, T // 5)`` steps);
@@ -151,10 +153,16 @@ def diagnose(cell: Cell, params: dict, xs: jax.Array, *, ys: jax.Array | None = 
     J = step_jacobians(cell, body, xs).jacobians  # (B, T, S, S)
     if ys is not None:
         # dL/ds_T of the many-to-one MSE loss, carried back by the step Jacobians.
+        output = cell.output
+        if output is None:
+            raise ValueError(
+                "diagnose(..., ys=...) reads the last output from the carry: the cell needs an output "
+                "capability (cell.output is None); pass ys=None."
+            )
         carry, _ = unroll(cell, body, xs)
 
         def loss_from_carry(c):
-            h = cell.output(body, c, xs[:, -1])  # the last output, read from the carry
+            h = output(body, c, xs[:, -1])  # the last output, read from the carry
             out = h @ params["head"]["w"] + params["head"]["b"].reshape((1, -1))
             return jnp.mean((out - ys) ** 2)
 
@@ -217,9 +225,9 @@ def _fmt(x, f="{:.4f}"):
     return "n/a" if x is None else f.format(x)
 
 
-def _learned(mse: float, baseline: float) -> bool:
-    """Learning means a test MSE below half the memoryless baseline."""
-    return mse < 0.5 * baseline
+def _learned(mse: float | None, baseline: float) -> bool:
+    """Learning means a test MSE below half the memoryless baseline (``None``: not evaluated)."""
+    return mse is not None and mse < 0.5 * baseline
 
 
 def verdict(
@@ -270,7 +278,7 @@ def verdict(
         k_full = _at_lag(a.grad_log10, lag)
         mse = l_.test_mse
         s = f"The LSTM's gradients change by about 10^{k_full:.1f} over the same {lag} steps"
-        if a.cell_log10 is not None:
+        if a.cell_log10 is not None and a.cell_log10_units is not None:  # set together
             kc = _at_lag(a.cell_log10, lag)
             units = a.cell_log10_units[min(lag, len(a.cell_log10)) - 1]
             kept = int(np.sum(units > -1.0))
@@ -313,7 +321,9 @@ def demo_report(
       findings: the sentences of ``verdict``.
       figures: file name -> section title (``seqjax.plot.write_figures``); empty: a note
         that matplotlib is missing.
-      T, steps, hidden: the run's sequence length, training steps and hidden units.
+      T: the run's sequence length.
+      steps: its training steps.
+      hidden: its hidden units.
       lag: the lag the numbers are read at.
     """
     lines = [

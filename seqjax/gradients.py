@@ -3,24 +3,20 @@
 The forward values of ``unroll`` never depend on the strategy; only the backward pass (and its
 memory and speed) does, and ``Truncate`` changes the gradient itself by design.
 
-====================  ==================================================================
-strategy              backward pass
-====================  ==================================================================
-``Auto()``            the cell's fused BPTT kernel (its ``kernel`` capability) when the kernel
-                      accepts every option of the call, otherwise ``Autodiff()``. Default.
-``Fused()``           the cell's kernel, or a ``ValueError`` saying why it cannot run.
-``Autodiff()``        ``jax.grad`` through the plain scan: residuals ``O(T)`` carries and
-                      step intermediates; the one that supports forward mode (``jax.jvp``,
-                      ``jax.jacfwd``, ``jax.hessian``), which a ``custom_vjp`` kernel does not.
-``Remat(every=k)``    autodiff with rematerialisation: ``k = 1`` checkpoints every step
-                      (residuals: the carry only); ``k > 1`` checkpoints segments of ``k``
-                      steps (an outer scan over ``ceil(T/k)`` checkpointed inner scans;
-                      memory ``O(T/k + k)`` carries, about one extra forward pass of compute;
-                      ``k ~ sqrt(T)`` minimises memory).
-``Truncate(every=k,   truncated BPTT: the gradient through the carry is cut every ``k`` steps
-base=...)``           (``stop_gradient`` on the carry entering scan positions ``k, 2k, ...``),
-                      then computed by ``base`` (``Auto``, ``Fused``, ``Autodiff`` or ``Remat``).
-====================  ==================================================================
+| strategy | backward pass |
+| --- | --- |
+| ``Auto()`` | default: ``Fused()`` when the kernel accepts every option of the call, else ``Autodiff()`` |
+| ``Fused()`` | the cell's fused BPTT kernel (its ``kernel`` capability), or a ``ValueError`` saying why not |
+| ``Autodiff()`` | ``jax.grad`` through the plain scan; residuals: ``O(T)`` carries and step intermediates |
+| ``Remat(every=k)`` | autodiff, rematerialised: memory ``O(T/k + k)`` carries, about one extra forward pass |
+| ``Truncate(every=k, base=...)`` | truncated BPTT: the gradient through the carry is cut every ``k`` steps |
+
+``Autodiff()`` is the one that supports forward mode (``jax.jvp``, ``jax.jacfwd``,
+``jax.hessian``), which a ``custom_vjp`` kernel does not. ``Remat(every=1)`` checkpoints every
+step (residuals: the carry only); ``k > 1`` checkpoints segments of ``k`` steps (an outer scan
+over ``ceil(T/k)`` checkpointed inner scans; ``k ~ sqrt(T)`` minimises memory). ``Truncate``
+applies ``stop_gradient`` to the carry entering scan positions ``k, 2k, ...``, then the gradient
+is computed by ``base`` (``Auto``, ``Fused``, ``Autodiff`` or ``Remat``).
 
 What composes: ``Truncate`` wraps any of the others (with ``Fused`` it needs a kernel that
 accepts ``"truncate"``, as every built-in kernel does). What does not, with the reason:
@@ -34,9 +30,20 @@ accepts ``"truncate"``, as every built-in kernel does). What does not, with the 
   capability, an option its kernel does not accept (``Kernel.accepts``), ``T = 0``, or a
   solver that cannot run kernels: a ``ValueError`` naming the reason.
 
-Example::
+Examples:
+  Strategies change the memory of the backward pass, not the gradient (``Truncate`` aside);
+  they compose, e.g. ``unroll(cell, params, xs, gradient=Truncate(50, base=Remat(10)))``.
 
-    unroll(cell, params, xs, gradient=Truncate(50, base=Remat(10)))
+  >>> import jax, jax.numpy as jnp, seqjax
+  >>> from seqjax.gradients import Autodiff, Remat
+  >>> cell = seqjax.rnn(4)
+  >>> params = cell.init(jax.random.key(0), input_size=3)
+  >>> xs = jax.random.normal(jax.random.key(1), (2, 8, 3))
+  >>> def grad_w_h(gradient):
+  ...     loss = lambda p: jnp.sum(seqjax.unroll(cell, p, xs, gradient=gradient)[1] ** 2)
+  ...     return jax.grad(loss)(params)["w_h"]
+  >>> bool(jnp.allclose(grad_w_h(Remat(every=4)), grad_w_h(Autodiff()), atol=1e-6))
+  True
 """
 
 from __future__ import annotations
@@ -100,6 +107,20 @@ class Remat(GradientStrategy):
       every: ``1`` (default) checkpoints every step (residuals per step: the carry only);
         ``k > 1`` checkpoints segments of ``k`` steps: memory ``O(T/k + k)`` carries for about
         one extra forward pass.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> from seqjax.gradients import Autodiff, Remat
+      >>> cell = seqjax.rnn(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> def loss(p, gradient):
+      ...     _, ys = seqjax.unroll(cell, p, xs, gradient=gradient)
+      ...     return jnp.sum(ys**2)
+      >>> g = jax.grad(loss)(params, Autodiff())
+      >>> g_remat = jax.grad(loss)(params, Remat(every=2))     # segments of 2 steps, recomputed
+      >>> bool(jnp.allclose(g["w_h"], g_remat["w_h"], atol=1e-6))
+      True
     """
 
     every: int = 1
@@ -125,6 +146,21 @@ class Truncate(GradientStrategy):
       every: the truncation period ``k`` (steps).
       base: how the truncated gradient is computed: ``Auto()`` (default), ``Fused()``,
         ``Autodiff()`` or ``Remat(...)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> from seqjax.gradients import Autodiff, Truncate
+      >>> cell = seqjax.rnn(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> def last(xs, gradient):                      # a loss on the last output only
+      ...     _, ys = seqjax.unroll(cell, params, xs, gradient=gradient)
+      ...     return jnp.sum(ys[:, -1])
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> dx = jax.grad(last)(xs, Truncate(every=3))
+      >>> (jnp.abs(dx[0]).sum(-1) > 0).tolist()         # steps 0-2 are cut off at position 3
+      [False, False, False, True, True]
+      >>> bool(jnp.allclose(dx[:, 3:], jax.grad(last)(xs, Autodiff())[:, 3:], atol=1e-6))
+      True
     """
 
     every: int

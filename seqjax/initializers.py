@@ -156,6 +156,14 @@ def orthogonal(gain: float = 1.0, gates: int = 1) -> Initializer:
     Args:
       gain: multiplier applied to each orthogonal block.
       gates: number of column blocks; each block is orthogonal on its own.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from seqjax import initializers
+      >>> w = initializers.orthogonal(gates=4)(jax.random.key(0), (4, 16), jnp.float32)
+      >>> blocks = w.reshape(4, 4, 4).transpose(1, 0, 2)      # the four (H, H) gate blocks
+      >>> bool(jnp.allclose(blocks[1] @ blocks[1].T, jnp.eye(4), atol=1e-5))
+      True
     """
     return _per_block(bind(_orthogonal_block, gain=gain), gates, "orthogonal")
 
@@ -188,13 +196,14 @@ def scaled_gaussian(gain: float = 1.0) -> Initializer:
 
 
 def zeros(key, shape, dtype=jnp.float32):
-    """All zeros (an initialiser itself, not a factory)."""
+    """All zeros: ``(key, shape, dtype) -> zeros(shape, dtype)`` (an initialiser itself, not a
+    factory; ``key`` is unused)."""
     del key
     return jnp.zeros(tuple(shape), dtype)
 
 
 def constant(value: float) -> Initializer:
-    """All entries equal to ``value``."""
+    """An initialiser ``(key, shape, dtype) -> array`` of ``shape`` with every entry ``value``."""
 
     return bind(_constant, value=value)
 
@@ -235,6 +244,14 @@ def with_spectral_radius(radius: float, base: Initializer | None = None, *, gate
       radius: the target spectral radius of each ``(H, H)`` block.
       base: the initialiser drawing the matrix before rescaling.
       gates: number of square column blocks.
+
+    Examples:
+      >>> import jax, seqjax
+      >>> from seqjax import initializers
+      >>> cell = seqjax.rnn(4, recurrent_init=initializers.with_spectral_radius(0.9))
+      >>> w_h = cell.init(jax.random.key(0), input_size=3)["w_h"]
+      >>> round(float(initializers.spectral_radius(w_h)), 4)
+      0.9
     """
     base = scaled_gaussian(1.0) if base is None else base
 

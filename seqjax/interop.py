@@ -2,20 +2,24 @@
 
 ``from_torch(module)`` (or a ``state_dict`` plus the module's arguments) returns
 ``(params, model)`` where ``model`` is a ``TorchRNN``: a seqjax network that computes what
-the PyTorch module computes, to floating-point rounding::
+the PyTorch module computes, to floating-point rounding:
 
-    params, model = from_torch(torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True))
-    out, (h_n, c_n) = model(params, xs)             # xs laid out as the module expects
-    carries, ys = model.layer.apply(params, xs_bm)  # the same network as a seqjax Layer
-    state_dict = to_torch(params, model)            # back to torch tensors, bit for bit
+```text
+params, model = from_torch(torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True))
+out, (h_n, c_n) = model(params, xs)             # xs laid out as the module expects
+carries, ys = model.layer.apply(params, xs_bm)  # the same network as a seqjax Layer
+state_dict = to_torch(params, model)            # back to torch tensors, bit for bit
+```
 
-Mapping (row-vector convention: seqjax kernels are PyTorch's transposed)::
+Mapping (row-vector convention: seqjax kernels are PyTorch's transposed):
 
-    weight_ih_l{k}{sfx}: (G*H, I)  <->  w_x: (I, G*H)
-    weight_hh_l{k}{sfx}: (G*H, P)  <->  w_h: (P, G*H)
-    bias_ih_l{k}{sfx}:   (G*H,)    <->  b
-    bias_hh_l{k}{sfx}:   (G*H,)    <->  b_h
-    weight_hr_l{k}{sfx}: (P, H)    <->  w_p: (H, P)      (LSTM with proj_size = P > 0)
+```text
+weight_ih_l{k}{sfx}: (G*H, I)  <->  w_x: (I, G*H)
+weight_hh_l{k}{sfx}: (G*H, P)  <->  w_h: (P, G*H)
+bias_ih_l{k}{sfx}:   (G*H,)    <->  b
+bias_hh_l{k}{sfx}:   (G*H,)    <->  b_h
+weight_hr_l{k}{sfx}: (P, H)    <->  w_p: (H, P)      (LSTM with proj_size = P > 0)
+```
 
 with ``sfx = "_reverse"`` for the backward direction. Gate orders are PyTorch's in both
 (LSTM ``i, f, g, o``; GRU ``r, z, n``), so blocks map one to one. Params are a tuple with
@@ -35,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax._util import same_treedef
 from seqjax.cells import Cell, LSTMState, gru, lstm, rnn
 from seqjax.layers import BiCarry, Layer, as_layer, bidirectional, stack, stack_layers
 
@@ -73,8 +78,14 @@ class TorchRNN(NamedTuple):
       cell: for unidirectional modules, the same network as one ``stack`` ``Cell`` (one
         scan; use it with ``unroll``, ``generate``, spectra); ``None`` when bidirectional.
       mode: ``"rnn_tanh"``, ``"rnn_relu"``, ``"lstm"`` or ``"gru"``.
-      input_size, hidden_size, num_layers, bidirectional, proj_size, batch_first, bias,
-      dropout: the module's arguments.
+      input_size: the module's ``input_size``.
+      hidden_size: its ``hidden_size``.
+      num_layers: its ``num_layers``.
+      bidirectional: its ``bidirectional``.
+      proj_size: its ``proj_size`` (0: none).
+      batch_first: its ``batch_first``.
+      bias: its ``bias``.
+      dropout: its ``dropout`` between layers.
     """
 
     layer: Layer
@@ -250,8 +261,13 @@ def from_torch(
     Args:
       module_or_state_dict: an ``nn.RNN``/``nn.LSTM``/``nn.GRU``, or its ``state_dict()``
         (a mapping of names to tensors or arrays).
-      mode, num_layers, bidirectional, proj_size, batch_first, bias, dropout: the module's
-        arguments (see above).
+      mode: ``"rnn_tanh"``, ``"rnn_relu"``, ``"lstm"`` or ``"gru"`` (required for a state dict).
+      num_layers: the module's ``num_layers`` (read off the keys).
+      bidirectional: the module's ``bidirectional`` (read off the keys).
+      proj_size: the LSTM's ``proj_size`` (read off the shapes).
+      batch_first: the module's ``batch_first`` (default ``False`` for a state dict).
+      bias: the module's ``bias`` (read off the keys).
+      dropout: the module's ``dropout`` between layers (default 0 for a state dict).
 
     Returns:
       ``(params, model)``: a tuple of per-layer params and a ``TorchRNN``.
@@ -259,6 +275,21 @@ def from_torch(
     Raises:
       ValueError: unknown mode, a state dict that is not a recurrent module's, or settings
         that contradict the weights.
+
+    Examples:
+      A state dict needs no PyTorch (arrays work as well as tensors):
+
+      >>> import numpy as np, jax.numpy as jnp, seqjax
+      >>> rng = np.random.default_rng(0)
+      >>> shapes = {"weight_ih_l0": (12, 3), "weight_hh_l0": (12, 4),
+      ...           "bias_ih_l0": (12,), "bias_hh_l0": (12,)}
+      >>> sd = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+      >>> params, model = seqjax.from_torch(sd, mode="gru", batch_first=True)
+      >>> print(model.mode, model.input_size, model.hidden_size, model.num_layers)
+      gru 3 4 1
+      >>> output, h_n = model(params, jnp.ones((2, 5, 3)))       # PyTorch's layouts
+      >>> print(output.shape, h_n.shape)
+      (2, 5, 4) (1, 2, 4)
     """
     given = {
         "num_layers": num_layers,
@@ -303,17 +334,17 @@ def from_torch(
         info["bias"],
         dropout,
     )
-    params = []
+    per_layer: list[dict] = []
     for layer in range(model.num_layers):
         per = []
         for d in range(model.num_directions):
             per.append(_layer_params(sd, model, layer, "_reverse" if d else ""))
-        params.append({"fwd": per[0], "bwd": per[1]} if model.bidirectional else per[0])
-    params = tuple(params)
+        per_layer.append({"fwd": per[0], "bwd": per[1]} if model.bidirectional else per[0])
+    params = tuple(per_layer)
     # the params must be exactly what the model's init makes (tree and shapes)
     expected = jax.eval_shape(lambda k: model.layer.init(k, model.input_size), jax.random.key(0))
     got = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(got) or any(
+    if not same_treedef(jax.tree_util.tree_structure(expected), jax.tree_util.tree_structure(got)) or any(
         e.shape != g.shape
         for e, g in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got), strict=True)
     ):

@@ -6,11 +6,13 @@ Two kinds of building block live here.
   the tuple of the layers' carries, so ``unroll`` runs a whole deep network in **one**
   scan over time, and everything that takes a cell (``generate``, Jacobian spectra,
   ``learnable_carry``) takes a stack.
-* A ``Layer`` (a whole sequence at a time)::
+* A ``Layer`` (a whole sequence at a time):
 
-      layer = Layer(init, apply, initial_carry)
-      params = layer.init(key, input_size)
-      carry, ys = layer.apply(params, xs, carry=None, lengths=None, time_axis=-2, key=None)
+    ```text
+    layer = Layer(init, apply, initial_carry)
+    params = layer.init(key, input_size)
+    carry, ys = layer.apply(params, xs, carry=None, lengths=None, time_axis=-2, key=None)
+    ```
 
   A bidirectional layer is not causal (``y_t`` depends on ``x_{t+1..T}``), so it cannot
   be a ``Cell``; it is a ``Layer`` made of two ``unroll`` calls. ``stack_layers`` chains
@@ -117,9 +119,11 @@ class BiCarry(NamedTuple):
     """Carry of a bidirectional layer.
 
     Attributes:
-      fwd: the forward cell's carry (after the last valid step of each sequence).
-      bwd: the backward cell's carry (after step 0, having read each sequence from its own
-        end back to its start). PyTorch's ``h_n[2k]`` and ``h_n[2k + 1]``.
+      fwd: the forward cell's carry, leaves ``(*batch, ...)`` (after the last valid step of
+        each sequence).
+      bwd: the backward cell's carry, leaves ``(*batch, ...)`` (after step 0, having read
+        each sequence from its own end back to its start). PyTorch's ``h_n[2k]`` and
+        ``h_n[2k + 1]``.
     """
 
     fwd: Any
@@ -178,11 +182,11 @@ def _shown(options: dict) -> tuple:
     return tuple((k, v if isinstance(v, Hashable) else "array") for k, v in sorted(options.items()))
 
 
-def as_layer(cell: Cell, **options) -> Layer:
+def as_layer(cell: Cell | Layer, **options) -> Layer:
     """A cell as a sequence layer: ``apply`` is ``unroll(cell, ...)``.
 
     Args:
-      cell: any ``Cell``.
+      cell: any ``Cell`` (a ``Layer`` is returned as it is, when no options are given).
       **options: options of ``unroll`` fixed for this layer: ``reverse``, ``mask``,
         ``resets``, ``gradient``, ``solver`` (``carry``, ``lengths`` and ``time_axis`` are
         arguments of ``apply``), e.g. ``reverse=True`` (read each sequence backwards, from its
@@ -195,10 +199,13 @@ def as_layer(cell: Cell, **options) -> Layer:
       ``meta = CellMeta("recurrent", H, (("cell", cell), *options))`` (arrays shown as
       ``"array"``: the meta is for display).
 
-    Example::
-
-      layer = as_layer(seqjax.lstm(32), reverse=True, gradient=seqjax.gradients.Remat(10))
-      carry, ys = layer.apply(params, xs, lengths=lengths)
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> layer = seqjax.as_layer(seqjax.lstm(4), reverse=True, gradient=seqjax.gradients.Remat(2))
+      >>> params = layer.init(jax.random.key(0), input_size=3)
+      >>> carry, ys = layer.apply(params, jnp.ones((2, 5, 3)), lengths=jnp.array([5, 3]))
+      >>> print(ys.shape, carry.h.shape)                  # (B, T, H); the LSTM's carry
+      (2, 5, 4) (2, 4)
     """
     fixed = check_options("as_layer", options, _LAYER_OPTIONS)
     if isinstance(cell, Layer):
@@ -251,11 +258,11 @@ def bidirectional(
 ) -> Layer:
     r"""Bidirectional layer (Schuster & Paliwal 1997): two independent cells, one per direction.
 
-    ::
-
-        s_t  = fwd.step(s_{t-1},  x_t)     for t = 1 .. n      (n: the sequence's own length)
-        s'_t = bwd.step(s'_{t+1}, x_t)     for t = n .. 1      (starts at the sequence's end)
-        y_t  = merge(y^fwd_t, y^bwd_t)
+    ```text
+    s_t  = fwd.step(s_{t-1},  x_t)     for t = 1 .. n      (n: the sequence's own length)
+    s'_t = bwd.step(s'_{t+1}, x_t)     for t = n .. 1      (starts at the sequence's end)
+    y_t  = merge(y^fwd_t, y^bwd_t)
+    ```
 
     Under ``lengths`` the backward cell starts at each sequence's own last valid step
     (``unroll(..., reverse=True, lengths=...)``), exactly as PyTorch's packed sequences,
@@ -279,6 +286,18 @@ def bidirectional(
 
     Returns:
       A ``Layer``. ``apply``'s ``carry`` is a ``BiCarry`` (or ``None``: zeros).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> layer = seqjax.bidirectional(seqjax.gru(4))
+      >>> params = layer.init(jax.random.key(0), input_size=3)     # {"fwd": ..., "bwd": ...}
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> carry, ys = layer.apply(params, xs, lengths=jnp.array([5, 3]))
+      >>> print(ys.shape, carry.fwd.shape, carry.bwd.shape)         # "concat": 4 + 4 features
+      (2, 5, 8) (2, 4) (2, 4)
+      >>> _, ys_bwd = seqjax.unroll(seqjax.gru(4), params["bwd"], xs, reverse=True)
+      >>> bool(jnp.allclose(ys[0, :, 4:], ys_bwd[0], atol=1e-6))    # the backward half
+      True
     """
     bwd_cell = fwd_cell if bwd_cell is None else bwd_cell
     for name, c in (("fwd_cell", fwd_cell), ("bwd_cell", bwd_cell)):
@@ -363,24 +382,26 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
       ``key``, and ``options`` (options of ``unroll`` such as ``mask=`` or ``gradient=``) as
       they are.
 
-    Example::
-
-      net = stack_layers([bidirectional(seqjax.gru(32)), bidirectional(seqjax.gru(32))])
-      params = net.init(jax.random.key(0), input_size=8)
-      carries, ys = net.apply(params, xs, lengths=lens)        # ys: (B, T, 64)
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> net = seqjax.stack_layers([seqjax.bidirectional(seqjax.gru(4)), seqjax.gru(4)])
+      >>> params = net.init(jax.random.key(0), input_size=3)
+      >>> carries, ys = net.apply(params, jnp.ones((2, 5, 3)), lengths=jnp.array([5, 3]))
+      >>> print(ys.shape, len(carries))                   # (B, T, H); one carry per layer
+      (2, 5, 4) 2
     """
-    layers = tuple(as_layer(layer) for layer in layers)
-    if not layers:
+    parts: tuple[Layer, ...] = tuple(as_layer(layer) for layer in layers)
+    if not parts:
         raise ValueError("stack_layers: layers must hold at least one Layer or Cell.")
     rate = _check_rate(dropout, "dropout")
-    L = len(layers)
+    L = len(parts)
 
     def init(key, input_size):
-        return _init_in_sequence(layers, key, input_size)
+        return _init_in_sequence(parts, key, input_size)
 
     def initial_carry(params, batch_shape=()):
         _check_layers_params(params, L, "stack_layers")
-        return tuple(layer.initial_carry(p, batch_shape) for layer, p in zip(layers, params, strict=True))
+        return tuple(layer.initial_carry(p, batch_shape) for layer, p in zip(parts, params, strict=True))
 
     def apply(
         params, xs, *, carry=None, lengths=None, time_axis=-2, key=None, deterministic=False, **options
@@ -398,7 +419,7 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
         keys = [None] * (2 * L) if key is None else list(jax.random.split(key, 2 * L))
         finals = []
         ys = xs
-        for l, (layer, p) in enumerate(zip(layers, params, strict=True)):
+        for l, (layer, p) in enumerate(zip(parts, params, strict=True)):
             if l and rate and key is not None:
                 ys = ys * _keep_mask(keys[2 * l], rate, ys.shape, ys.dtype)
             c = None if carry is None else carry[l]
@@ -408,8 +429,8 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
             finals.append(h)
         return tuple(finals), ys
 
-    last = layers[-1].meta
-    meta = CellMeta("stack_layers", last.hidden_size if last else 0, (("layers", layers), ("dropout", rate)))
+    last = parts[-1].meta
+    meta = CellMeta("stack_layers", last.hidden_size if last else 0, (("layers", parts), ("dropout", rate)))
     return Layer(init, apply, initial_carry, meta)
 
 
@@ -431,7 +452,8 @@ def dense(
     Args:
       features: ``O``.
       use_bias: include ``b``.
-      kernel_init, bias_init: initialisers ``(key, shape, dtype) -> array``.
+      kernel_init: initialiser ``(key, shape, dtype) -> array`` of the ``(I, O)`` kernel.
+      bias_init: initialiser of the ``(O,)`` bias.
 
     Returns:
       A ``Pointwise`` whose ``apply(params, y)`` maps ``(..., I) -> (..., O)``.

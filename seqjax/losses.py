@@ -5,9 +5,11 @@ Padded steps must not touch the loss nor its gradient, whatever values sit there
 constants (``jnp.where``), then computes, then zeroes the masked terms: the loss is
 bitwise independent of the padded values and the gradient there is exactly zero.
 
-Shapes (batch-major sequences)::
+Shapes (batch-major sequences):
 
-    logits: (*batch, T, C)   labels: (*batch, T) int   mask: (*batch, T)   lengths: (*batch,)
+```text
+logits: (*batch, T, C)   labels: (*batch, T) int   mask: (*batch, T)   lengths: (*batch,)
+```
 
 but nothing assumes a time axis: any ``(..., C)`` logits with ``(...)`` labels and a
 ``(...)`` mask work (e.g. many-to-one ``(B, C)`` with ``(B,)``).
@@ -40,6 +42,11 @@ def weights_from(shape: tuple[int, ...], *, mask=None, lengths=None, dtype=jnp.f
 
     Returns:
       ``(shape)`` weights (all ones when both are ``None``).
+
+    Examples:
+      >>> import jax.numpy as jnp, seqjax
+      >>> seqjax.weights_from((2, 4), lengths=jnp.array([4, 2])).tolist()
+      [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
     """
     w = jnp.ones(shape, dtype)
     if mask is not None:
@@ -87,11 +94,13 @@ def softmax_cross_entropy(
     r"""Masked softmax cross-entropy with integer labels.
 
     ``l_n = -log softmax(z_n)[y_n] = logsumexp(z_n) - z_n[y_n]`` at each position ``n``,
-    weighted by ``w_n`` (mask, ``t < lengths``, ``y_n != ignore_index``)::
+    weighted by ``w_n`` (mask, ``t < lengths``, ``y_n != ignore_index``):
 
-        mean: sum_n w_n l_n / sum_n w_n        (0 when every weight is 0)
-        sum:  sum_n w_n l_n
-        none: w_n l_n, shape (...)
+    ```text
+    mean: sum_n w_n l_n / sum_n w_n        (0 when every weight is 0)
+    sum:  sum_n w_n l_n
+    none: w_n l_n, shape (...)
+    ```
 
     Logits and labels at positions of zero weight are replaced before use, so their values
     (even non-finite, or labels out of range such as ``-100``) change neither the loss nor
@@ -108,6 +117,14 @@ def softmax_cross_entropy(
 
     Returns:
       A scalar, or ``(...)`` for ``reduction="none"``.
+
+    Examples:
+      >>> import jax.numpy as jnp, seqjax
+      >>> logits = jnp.zeros((2, 4, 5))                          # (B, T, C): uniform over 5 classes
+      >>> labels = jnp.array([[0, 1, 2, 3], [4, 0, -100, -100]])
+      >>> loss = seqjax.softmax_cross_entropy(logits, labels, ignore_index=-100)
+      >>> bool(jnp.allclose(loss, jnp.log(5.0)))                 # -log(1/5) at the 6 weighted steps
+      True
     """
     _check_reduction(reduction)
     logits = jnp.asarray(logits)
@@ -143,11 +160,13 @@ def mse(
     r"""Masked mean squared error.
 
     ``l_{n,f} = (p_{n,f} - y_{n,f})^2`` with per-position weights ``w_n`` (a mask or
-    lengths over the positions ``n``, shared by the ``F`` features)::
+    lengths over the positions ``n``, shared by the ``F`` features):
 
-        mean: sum_{n,f} w_n l_{n,f} / (F sum_n w_n)   (PyTorch's MSELoss over the valid entries)
-        sum:  sum_{n,f} w_n l_{n,f}
-        none: w_n l_{n,f}, shape (..., F)
+    ```text
+    mean: sum_{n,f} w_n l_{n,f} / (F sum_n w_n)   (PyTorch's MSELoss over the valid entries)
+    sum:  sum_{n,f} w_n l_{n,f}
+    none: w_n l_{n,f}, shape (..., F)
+    ```
 
     Entries of zero weight are replaced before use, so their values change neither the
     loss nor the gradient.
@@ -162,6 +181,17 @@ def mse(
 
     Returns:
       A scalar, or ``(..., F)`` for ``reduction="none"``.
+
+    Examples:
+      >>> import jax.numpy as jnp, seqjax
+      >>> preds, targets = jnp.ones((2, 4, 3)), jnp.zeros((2, 4, 3))    # (B, T, F)
+      >>> float(seqjax.mse(preds, targets))
+      1.0
+      >>> preds = preds.at[1, 2:].set(100.0)                     # padding past length 2
+      >>> float(seqjax.mse(preds, targets, lengths=jnp.array([4, 2])))
+      1.0
+      >>> seqjax.mse(preds, targets, reduction="none").shape
+      (2, 4, 3)
     """
     _check_reduction(reduction)
     p = jnp.asarray(predictions)
@@ -196,10 +226,21 @@ def accuracy(
     Args:
       logits: ``(..., C)``.
       labels: integer ``(...)``.
-      mask, lengths: as in ``softmax_cross_entropy``.
+      mask: boolean or numeric weights ``(...)``.
+      lengths: integer ``(...)[:-1]``: positions ``t >= lengths`` along the last axis of
+        ``labels`` get weight 0.
 
     Returns:
       A scalar in ``[0, 1]`` (0 when every weight is 0).
+
+    Examples:
+      >>> import jax.numpy as jnp, seqjax
+      >>> labels = jnp.array([[0, 1, 2], [2, 1, 0]])
+      >>> logits = jnp.eye(3)[jnp.array([[0, 1, 1], [2, 1, 1]])]   # one wrong prediction per row
+      >>> round(float(seqjax.accuracy(logits, labels)), 4)
+      0.6667
+      >>> float(seqjax.accuracy(logits, labels, lengths=jnp.array([2, 2])))
+      1.0
     """
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)

@@ -4,15 +4,17 @@ Each module holds the functional params of its cell as ``nnx.Param`` attributes 
 same names and layouts (``module.w_x``, ``module.w_h``, ``module.b``, ...) and runs through
 ``seqjax.unroll``, so it equals the functional API given the same weights, and every
 ``unroll`` option (lengths, masks, resets, reversal, gradient strategies, solvers) is
-forwarded as it is, and ``Recurrent.trajectory`` gives every step's carry and gates::
+forwarded as it is, and ``Recurrent.trajectory`` gives every step's carry and gates:
 
-    from flax import nnx
-    import seqjax.nnx as sjnn
+```text
+from flax import nnx
+import seqjax.nnx as sjnn
 
-    lstm = sjnn.LSTM(8, 32, rngs=nnx.Rngs(0))
-    carry, ys = lstm(xs)                       # xs: (B, T, 8) -> ys: (B, T, 32)
-    params = lstm.to_params()                  # {"w_x": (8, 128), "w_h": (32, 128), "b": (128,)}
-    same = sjnn.LSTM.from_params(params)       # and back
+lstm = sjnn.LSTM(8, 32, rngs=nnx.Rngs(0))
+carry, ys = lstm(xs)                       # xs: (B, T, 8) -> ys: (B, T, 32)
+params = lstm.to_params()                  # {"w_x": (8, 128), "w_h": (32, 128), "b": (128,)}
+same = sjnn.LSTM.from_params(params)       # and back
+```
 
 The GRU follows PyTorch's convention (``b_h``'s ``n`` block sits inside the reset product),
 so weights ported from ``torch.nn.GRU`` reproduce PyTorch. Flax's own ``nnx.GRUCell`` has no
@@ -28,7 +30,7 @@ Modules:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -63,10 +65,16 @@ class Recurrent(nnx.Module):
       rngs: ``nnx.Rngs``; its ``params`` stream seeds ``cell.init``. Needed unless ``params``.
       params: functional params to hold instead of initialising (checked against the cell).
 
-    Example::
-
-      mod = Recurrent(seqjax.mgu(16), 4, rngs=nnx.Rngs(0))
-      carry, ys = mod(xs)   # == seqjax.unroll(seqjax.mgu(16), mod.to_params(), xs)
+    Examples:
+      >>> import jax.numpy as jnp, seqjax
+      >>> from flax import nnx
+      >>> from seqjax.nnx import Recurrent
+      >>> mod = Recurrent(seqjax.mgu(4), 3, rngs=nnx.Rngs(0))
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> carry, ys = mod(xs)
+      >>> _, ys_fn = seqjax.unroll(seqjax.mgu(4), mod.to_params(), xs)     # the functional API
+      >>> print(ys.shape, bool(jnp.allclose(ys, ys_fn)))
+      (2, 5, 4) True
     """
 
     def __init__(self, cell: Cell, input_size: int, *, rngs: nnx.Rngs | None = None, params: Any = None):
@@ -81,6 +89,7 @@ class Recurrent(nnx.Module):
         self.cell = cell
         self.input_size = int(input_size)
         self.hidden_size = int(cell.meta.hidden_size) if cell.meta is not None else None
+        self._keys: tuple[str, ...] | None  # the param names when flat, else None (param_tree)
         if _is_flat(params) and not (set(params) & (_RESERVED | set(dir(type(self))))):
             self._keys = tuple(params)
             for k, v in params.items():
@@ -176,7 +185,11 @@ class RNN(Recurrent):
     Args:
       input_size: ``I``.
       hidden_size: ``H``.
-      activation, hidden_bias, kernel_init, recurrent_init, bias_init: as in ``seqjax.rnn``.
+      activation: as in ``seqjax.rnn``.
+      hidden_bias: as in ``seqjax.rnn``.
+      kernel_init: as in ``seqjax.rnn``.
+      recurrent_init: as in ``seqjax.rnn``.
+      bias_init: as in ``seqjax.rnn``.
       rngs: ``nnx.Rngs`` (its ``params`` stream).
     """
 
@@ -220,8 +233,12 @@ class LSTM(Recurrent):
     Args:
       input_size: ``I``.
       hidden_size: ``H``.
-      proj_size, forget_bias, hidden_bias, kernel_init, recurrent_init, bias_init: as in
-        ``seqjax.lstm``.
+      proj_size: as in ``seqjax.lstm``.
+      forget_bias: as in ``seqjax.lstm``.
+      hidden_bias: as in ``seqjax.lstm``.
+      kernel_init: as in ``seqjax.lstm``.
+      recurrent_init: as in ``seqjax.lstm``.
+      bias_init: as in ``seqjax.lstm``.
       rngs: ``nnx.Rngs`` (its ``params`` stream).
     """
 
@@ -260,12 +277,14 @@ class LSTM(Recurrent):
 
 
 class GRU(Recurrent):
-    r"""GRU module in PyTorch's convention (``seqjax.gru``)::
+    r"""GRU module in PyTorch's convention (``seqjax.gru``):
 
-        r = sigmoid(x W_xr + b_r + h W_hr + b_hr)
-        z = sigmoid(x W_xz + b_z + h W_hz + b_hz)
-        n = tanh(x W_xn + b_n + r * (h W_hn + b_hn))
-        h_t = (1 - z) * n + z * h_{t-1}
+    ```text
+    r = sigmoid(x W_xr + b_r + h W_hr + b_hr)
+    z = sigmoid(x W_xz + b_z + h W_hz + b_hz)
+    n = tanh(x W_xn + b_n + r * (h W_hn + b_hn))
+    h_t = (1 - z) * n + z * h_{t-1}
+    ```
 
     Params (``nnx.Param``): ``w_x: (I, 3H)``, ``w_h: (H, 3H)``, ``b: (3H,)``, ``b_h: (3H,)``,
     gate order ``r, z, n``. Porting ``torch.nn.GRU``: ``w_x = weight_ih_l0.T``,
@@ -275,7 +294,9 @@ class GRU(Recurrent):
     Args:
       input_size: ``I``.
       hidden_size: ``H``.
-      kernel_init, recurrent_init, bias_init: as in ``seqjax.gru``.
+      kernel_init: as in ``seqjax.gru``.
+      recurrent_init: as in ``seqjax.gru``.
+      bias_init: as in ``seqjax.gru``.
       rngs: ``nnx.Rngs`` (its ``params`` stream).
     """
 
@@ -358,6 +379,18 @@ class Bidirectional(nnx.Module):
         return self.as_layer().apply(self.to_params(), xs, **options)
 
 
+class _SequenceModule(Protocol):
+    """What ``Stack`` needs of a layer module (``Recurrent``, ``Bidirectional``, ``Stack``)."""
+
+    input_size: int
+
+    def as_layer(self) -> _layers.Layer: ...
+
+    def to_params(self) -> Any: ...
+
+    def initial_carry(self, batch_shape: int | tuple[int, ...] = ()) -> Any: ...
+
+
 class Stack(nnx.Module):
     r"""Deep recurrent network, layer by layer: ``ys^l = layer_l(ys^{l-1})``, ``ys^0 = xs``
     (``seqjax.layers.stack_layers``; PyTorch's multi-layer ``nn.LSTM`` computes this).
@@ -372,14 +405,20 @@ class Stack(nnx.Module):
     Params: a tuple, one entry per layer (``to_params``), exactly those of
     ``stack_layers([layer.as_layer() ...])``. Carry: a tuple of the layers' carries.
 
-    Example::
-
-      rngs = nnx.Rngs(0)
-      net = Stack([LSTM(8, 32, rngs=rngs), LSTM(32, 32, rngs=rngs)])
-      carries, ys = net(xs)     # ys: (B, T, 32)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from seqjax.nnx import LSTM, Stack
+      >>> rngs = nnx.Rngs(0)
+      >>> net = Stack([LSTM(3, 4, rngs=rngs), LSTM(4, 4, rngs=rngs)])
+      >>> carries, ys = net(jnp.ones((2, 5, 3)))
+      >>> print(ys.shape, len(carries))                   # (B, T, H); one carry per layer
+      (2, 5, 4) 2
     """
 
-    def __init__(self, layers: Sequence[nnx.Module], *, dropout: float = 0.0, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self, layers: Sequence[_SequenceModule], *, dropout: float = 0.0, rngs: nnx.Rngs | None = None
+    ):
         if len(layers) == 0:
             raise ValueError("Stack needs at least one layer.")
         for i, m in enumerate(layers):

@@ -191,6 +191,13 @@ def many_to_one(body: Cell | Layer, head: Pointwise | None = None, *, pool_by: s
     Returns:
       A ``SeqModel``: ``init(key, input_size) -> {"body", "head"}``;
       ``apply(params, xs, *, lengths=None, carry=None, time_axis=-2, key=None) -> (*batch, O)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> model = seqjax.many_to_one(seqjax.gru(4), seqjax.dense(2))
+      >>> params = model.init(jax.random.key(0), input_size=3)     # {"body": ..., "head": ...}
+      >>> print(model.apply(params, jnp.ones((2, 5, 3)), lengths=jnp.array([5, 3])).shape)   # (B, O)
+      (2, 2)
     """
     layer = _body_and_head(body, head)
     if pool_by not in ("last", "mean", "max"):
@@ -219,6 +226,14 @@ def many_to_many(body: Cell | Layer, head: Pointwise | None = None) -> SeqModel:
     Returns:
       A ``SeqModel``: ``init(key, input_size) -> {"body", "head"}``;
       ``apply(params, xs, *, lengths=None, carry=None, time_axis=-2, key=None) -> (*batch, T, O)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> model = seqjax.many_to_many(seqjax.lstm(4), seqjax.dense(2))
+      >>> params = model.init(jax.random.key(0), input_size=3)
+      >>> out = model.apply(params, jnp.ones((2, 5, 3)), lengths=jnp.array([5, 3]))
+      >>> print(out.shape, bool(jnp.all(out[1, 3:] == 0)))      # (B, T, O); zero past the length
+      (2, 5, 2) True
     """
     layer = _body_and_head(body, head)
 
@@ -251,13 +266,13 @@ def encoder_decoder(
 ) -> EncoderDecoder:
     r"""Encoder-decoder for unaligned sequence to sequence, trained with teacher forcing.
 
-    ::
-
-        c^enc = encoder(src)                    final carry, at each source's own end
-        s_0   = bridge(c^enc)                   default: the identity
-        s_t, y_t = decoder.step(s_{t-1}, u_t)   u_t: decoder inputs (teacher forcing:
-                                                 the embedded previous target tokens)
-        o_t   = head(y_t)
+    ```text
+    c^enc = encoder(src)                    final carry, at each source's own end
+    s_0   = bridge(c^enc)                   default: the identity
+    s_t, y_t = decoder.step(s_{t-1}, u_t)   u_t: decoder inputs (teacher forcing:
+                                             the embedded previous target tokens)
+    o_t   = head(y_t)
+    ```
 
     With the identity bridge the encoder's carry must have the decoder's carry structure:
     same cell type and sizes, and for a ``stack`` encoder a ``stack`` decoder with the
@@ -418,11 +433,13 @@ def generate(
     r"""Autoregressive sampling of tokens (one-to-many), jit-compatible.
 
     The cell first reads the prompt ``x_1..x_P`` (one ``unroll``; from ``carry`` if
-    given, e.g. an encoder's final carry). Then, for ``k = 1..N``::
+    given, e.g. an encoder's final carry). Then, for ``k = 1..N``:
 
-        z_k   = readout(y_{k-1})                         logits (*batch, V); y_0 = last prompt output
-        w_k   ~ Categorical(softmax(z_k / temperature))  argmax(z_k) when temperature == 0
-        s_k, y_k = cell.step(s_{k-1}, feedback(w_k))
+    ```text
+    z_k   = readout(y_{k-1})                         logits (*batch, V); y_0 = last prompt output
+    w_k   ~ Categorical(softmax(z_k / temperature))  argmax(z_k) when temperature == 0
+    s_k, y_k = cell.step(s_{k-1}, feedback(w_k))
+    ```
 
     ``top_k`` keeps the ``k`` largest logits before sampling. Each step splits the key once;
     one key samples every sequence of the batch independently. The loop is one scan
@@ -453,13 +470,29 @@ def generate(
       ``(final_carry, tokens, logits (*batch, N, V))``. ``final_carry`` has read every
       generated token.
 
-    Example::
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> V = 3                                                   # vocabulary; one-hot feedback: I = V
+      >>> cell, head = seqjax.gru(4), seqjax.dense(V)
+      >>> params = cell.init(jax.random.key(0), input_size=V)
+      >>> head_params = head.init(jax.random.key(1), 4)
+      >>> prompt = jax.nn.one_hot(jnp.array([[1, 2], [0, 1]]), V)   # (B, P, V)
+      >>> carry, tokens = seqjax.generate(
+      ...     cell, params, lambda y: head.apply(head_params, y), prompt, 6, key=jax.random.key(2))
+      >>> print(tokens.shape, tokens.dtype, carry.shape)
+      (2, 6) int32 (2, 4)
+      >>> bool(jnp.all((0 <= tokens) & (tokens < V)))
+      True
 
-      emb, head = embedding(V, E), dense(V)
+      With an embedding, feed the tokens back through it (``feedback``) and pass the embedded
+      prompt; ``temperature=0`` decodes greedily. Under ``jax.jit``:
+
+      ```python
       f = jax.jit(lambda p, k: generate(cell, p["cell"], lambda y: head.apply(p["head"], y),
                                         emb.apply(p["emb"], bos)[..., None, :], 20,
                                         feedback=lambda w: emb.apply(p["emb"], w),
                                         key=k, temperature=0.8))
+      ```
     """
     greedy = isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0
     if isinstance(temperature, (int, float)) and temperature < 0:

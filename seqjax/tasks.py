@@ -2,15 +2,13 @@
 
 Every task is a function with a documented generator and an explicit seed or key:
 
-========================  ==============================================  =========================
-task                      data                                            memoryless baseline
-========================  ==============================================  =========================
-``adding_problem``        ``xs (n, T, 2) f32``, ``ys (n,) f32``           MSE ``1/6`` (always say 1)
-``copy_task``             ``xs (n, D+2L, K+2) f32``, ``ys (n, D+2L) i32``  CE ``L ln K / (D+2L)``
-``digits``                scikit-learn digits, 8 rows or 64 pixels        majority class accuracy
-``sunspots``              statsmodels yearly sunspots 1700-2008           persistence, AR(p)
-``char_corpus``           Python standard-library sources                 unigram bits per char
-========================  ==============================================  =========================
+| task | data | memoryless baseline |
+| --- | --- | --- |
+| ``adding_problem`` | ``xs (n, T, 2) f32``, ``ys (n,) f32`` | MSE ``1/6`` (always say 1) |
+| ``copy_task`` | ``xs (n, D+2L, K+2) f32``, ``ys (n, D+2L) i32`` | CE ``L ln K / (D+2L)`` |
+| ``digits`` | scikit-learn digits, 8 rows or 64 pixels | majority class accuracy |
+| ``sunspots`` | statsmodels yearly sunspots 1700-2008 | persistence, AR(p) |
+| ``char_corpus`` | Python standard-library sources | unigram bits per char |
 
 ``digits`` needs scikit-learn and ``sunspots`` statsmodels (the ``tasks`` extra). This
 module holds data and the baselines that need no training (``ar_fit``/``ar_predict``,
@@ -89,10 +87,10 @@ def adding_problem(key: jax.Array, n: int, length: int) -> tuple[jax.Array, jax.
     Each of ``n`` sequences has ``T = length`` steps with two features: a value
     ``u_t ~ U[0, 1]`` and a marker. Exactly two steps are marked, one uniformly in the first
     half ``[0, T//2)`` and one uniformly in the second half ``[T//2, T)``; the target is the
-    sum of the two marked values, :math:`y = u_a + u_b \in [0, 2]`.
+    sum of the two marked values, $y = u_a + u_b \in [0, 2]$.
 
-    Baseline: always predicting 1 (the mean) scores :math:`E[(u_a + u_b - 1)^2] =
-    \mathrm{Var}(u_a + u_b) = 2 \cdot 1/12 = 1/6` (``ADDING_BASELINE_MSE``).
+    Baseline: always predicting 1 (the mean) scores $E[(u_a + u_b - 1)^2] =
+    \mathrm{Var}(u_a + u_b) = 2 \cdot 1/12 = 1/6$ (``ADDING_BASELINE_MSE``).
 
     Generator: NumPy's PCG64 seeded with the key's raw data (``jax.random.key_data``) or an
     int seed: the same key gives the same data everywhere, and nothing is compiled (a
@@ -107,9 +105,19 @@ def adding_problem(key: jax.Array, n: int, length: int) -> tuple[jax.Array, jax.
       NumPy arrays ``xs: (n, T, 2)`` float32 (``[..., 0]`` values, ``[..., 1]`` markers) and
       ``ys: (n,)`` float32.
 
-    Example::
+    Examples:
+      As a synthetic data source of ``fit``, a function ``key -> batch``:
+      ``fit(loss, opt, params, functools.partial(adding_problem, n=64, length=50), key=key, steps=500)``.
 
-        fit(loss, opt, params, functools.partial(adding_problem, n=64, length=50), key=key, steps=500)
+      >>> import numpy as np
+      >>> from seqjax.tasks import adding_problem
+      >>> xs, ys = adding_problem(0, n=4, length=10)
+      >>> print(xs.shape, xs.dtype, ys.shape)
+      (4, 10, 2) float32 (4,)
+      >>> xs[..., 1].sum(axis=1).tolist()                # two marked steps per sequence
+      [2.0, 2.0, 2.0, 2.0]
+      >>> bool(np.allclose(ys, (xs[..., 0] * xs[..., 1]).sum(axis=1)))
+      True
     """
     n = positive_int(n, "n")
     length = positive_int(length, "length")
@@ -126,7 +134,7 @@ def copy_task_baseline(length: int, delay: int, num_symbols: int) -> float:
 
     A predictor that sees only the position outputs "blank" with certainty for the first
     ``D + L`` steps and the uniform distribution over the ``K`` symbols for the last ``L``:
-    :math:`\mathrm{CE} = L \ln K / (D + 2L)`. On the recalled steps alone it scores
+    $\mathrm{CE} = L \ln K / (D + 2L)$. On the recalled steps alone it scores
     ``ln K`` nats and accuracy ``1/K``. (Arjovsky, Shah & Bengio 2016, section 4.1.)
     """
     return length * math.log(num_symbols) / (delay + 2 * length)
@@ -181,7 +189,14 @@ def copy_task(
 
 
 class Split(NamedTuple):
-    """A train/test split of a labelled data set: ``x_*`` inputs, ``y_*`` int32 labels."""
+    """A train/test split of a labelled data set: ``x_*`` inputs, ``y_*`` int32 labels.
+
+    Attributes:
+      x_train: ``(N_train, T, I)`` inputs (sequences, batch-major).
+      y_train: ``(N_train,)`` int32 labels.
+      x_test: ``(N_test, T, I)`` inputs.
+      y_test: ``(N_test,)`` int32 labels.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -279,7 +294,7 @@ def _lag_matrix(x: np.ndarray, p: int) -> np.ndarray:
 
 
 def ar_fit(x: np.ndarray, p: int) -> np.ndarray:
-    r"""Least-squares AR(p) with intercept: :math:`x_t = c + \sum_{j=1}^p a_j x_{t-j} + e_t`.
+    r"""Least-squares AR(p) with intercept: $x_t = c + \sum_{j=1}^p a_j x_{t-j} + e_t$.
 
     Args:
       x: ``(N,)`` series.
@@ -386,7 +401,7 @@ def char_windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def bits_per_char(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    r"""Mean cross-entropy in bits: :math:`-\frac{1}{N}\sum \log_2 \mathrm{softmax}(z)_{y}`.
+    r"""Mean cross-entropy in bits: $-\frac{1}{N}\sum \log_2 \mathrm{softmax}(z)_{y}$.
 
     Args:
       logits: ``(*batch, T, V)``.

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax._util import is_floating
+from seqjax._util import is_floating, same_treedef
 from seqjax.cells import KERNEL_OPTIONS, Cell
 from seqjax.gradients import Autodiff, Fused, Truncate
 from seqjax.spectrum import flatten_state, unflatten_state
-from seqjax.unroll import trajectory, unroll
+from seqjax.unroll import Trajectory, trajectory, unroll
 
 __all__ = ["check_cell", "CellCheckError", "CellCheckReport", "CHECKS"]
 
@@ -131,13 +131,13 @@ class CellCheckReport:
 @contextlib.contextmanager
 def _x64(on: bool):
     """``jax_enable_x64`` switched on inside the block when ``on`` (never switched off), restored after."""
-    old = jax.config.jax_enable_x64
+    old = jax.config.jax_enable_x64  # type: ignore[attr-defined]  # jax.config flags are dynamic attributes
     if on and not old:
         jax.config.update("jax_enable_x64", True)
     try:
         yield
     finally:
-        if jax.config.jax_enable_x64 != old:
+        if jax.config.jax_enable_x64 != old:  # type: ignore[attr-defined]  # as above
             jax.config.update("jax_enable_x64", old)
 
 
@@ -185,7 +185,7 @@ def _weights_like(a):
 
 def _linear_loss(*trees):
     """``sum <w, leaf>`` over the floating leaves of ``trees``, fixed weights ``w``."""
-    total = 0.0
+    total: float | jax.Array = 0.0
     for tree in trees:
         for a in jax.tree_util.tree_leaves(tree):
             if is_floating(a):
@@ -201,7 +201,8 @@ def _quick_jit(fn):
     def call(*args):
         lowered = jitted.lower(*args)
         try:
-            compiled = lowered.compile({"xla_backend_optimization_level": 0})
+            # XLA takes int option values; jax annotates compiler options as str | bool only
+            compiled = lowered.compile({"xla_backend_optimization_level": 0})  # type: ignore[dict-item]
         except Exception:  # noqa: BLE001 - a backend without that option
             compiled = lowered.compile()
         return compiled(*args)
@@ -250,7 +251,7 @@ class _Checker:
         how = f" ({how})" if how else ""
         got_leaves, got_def = jax.tree_util.tree_flatten_with_path(got)
         want_leaves, want_def = jax.tree_util.tree_flatten_with_path(want)
-        if got_def != want_def:
+        if not same_treedef(got_def, want_def):
             self.fail(check, f"{what}{how}: tree {got_def} but expected {want_def}.")
         worst = 0.0
         for (path, g), (_, w) in zip(got_leaves, want_leaves):
@@ -301,7 +302,7 @@ def _python_loop(cell, params, xs):
 
 def _same_structure(chk, check, what, got, want):
     """Same tree, shapes and dtypes (abstract values)."""
-    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(want):
+    if not same_treedef(jax.tree_util.tree_structure(got), jax.tree_util.tree_structure(want)):
         chk.fail(
             check,
             f"{what} has the tree {jax.tree_util.tree_structure(got)} but the carry is "
@@ -391,12 +392,14 @@ def _check_step(chk, cell, params, xs, tol, selected):
                 chk.compare("loop", "ys", got[1], want[1], *tol, how=how),
             )
         elif name == "jit":
+            assert eager is not None  # computed whenever jit or vmap is selected
             how = "jax.jit(unroll) vs eager unroll"
             e = max(
                 chk.compare("jit", "final carry", out["jit"][0], eager[0], *tol, how=how),
                 chk.compare("jit", "ys", out["jit"][1], eager[1], *tol, how=how),
             )
         else:
+            assert eager is not None
             vmapped, alone = out["vmap"]["vmap"], out["vmap"]["alone"]
             e = 0.0
             for b in range(B):
@@ -604,9 +607,9 @@ def _kernel_requests(cell, options, B, T, rng):
         "reverse": [("kernel[reverse]", {"reverse": True})],
         "trajectory": [("kernel[trajectory]", {"trajectory": True})],
     }
-    runs = [("kernel[plain]", {}, True)]
-    skipped = []
-    combined = {}
+    runs: list[tuple[str, dict[str, Any], bool]] = [("kernel[plain]", {}, True)]
+    skipped: list[tuple[str, str]] = []
+    combined: dict[str, Any] = {}
     for opt in sorted(KERNEL_OPTIONS):
         if opt not in options:
             skipped += [(name, "option not selected") for name, _ in per_option[opt]]
@@ -639,7 +642,7 @@ def _check_kernel(chk, cell, params, xs, carry0, tol, options, rng):
         def loss(p, x, c):
             out = run(cell, p, x, carry=c if carry_given else None, gradient=gradient, **kw)
             values = {"final carry": out[0], "ys": out[1]}
-            if run is trajectory:
+            if isinstance(out, Trajectory):  # run is trajectory
                 values["carries"] = out.carries
             return _linear_loss(*values.values()), values
 
@@ -754,7 +757,8 @@ def check_cell(
       key: PRNG key for params, inputs, carries and directions (default ``jax.random.key(0)``).
       dtype: the dtype of the step checks (``loop``, ``carry``, ``jit``, ``vmap``); the other
         checks run in float64.
-      rtol, atol: tolerances (see above); default by dtype.
+      rtol: relative tolerance (see above); default by dtype.
+      atol: absolute tolerance (see above); default by dtype.
       checks: the names of ``CHECKS`` to run (default all).
       options: the kernel options to exercise, a subset of ``seqjax.cells.KERNEL_OPTIONS``
         (default all; the plain call always runs).
@@ -770,24 +774,25 @@ def check_cell(
         checks (``err.check``, ``err.capability``) and the largest error (``err.max_error``).
       ValueError: for bad arguments (an unknown check or option, ``steps < 2``).
 
-    Example::
+    Examples:
+      ``print(check_cell(seqjax.gru(4)))`` checks every capability of a built-in cell and
+      lists each check with its largest error. A user's cell with a step only:
 
-      import jax, jax.numpy as jnp, seqjax as sj
-      from seqjax.testing import check_cell
-
-      report = check_cell(sj.gru(4))            # a built-in cell: every capability
-      print(report)                             # passed: loop, ..., kernel[mask], ...
-
-      def step(p, h, x):                        # a user's cell: step only
-          h = jnp.tanh(x @ p["w"] + h @ p["u"])
-          return h, h
-
-      cell = sj.Cell(
-          lambda key, n: {"w": jax.random.normal(key, (n, 4)), "u": 0.5 * jnp.eye(4)},
-          lambda p, batch_shape=(): jnp.zeros(tuple(batch_shape) + (4,), p["w"].dtype),
-          step,
-      )
-      check_cell(cell).skipped                  # (("input_size", "the cell has no ..."), ...)
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> from seqjax.testing import check_cell
+      >>> def step(p, h, x):
+      ...     h = jnp.tanh(x @ p["w"] + h @ p["u"])
+      ...     return h, h
+      >>> cell = seqjax.Cell(
+      ...     lambda key, n: {"w": jax.random.normal(key, (n, 4)), "u": 0.5 * jnp.eye(4)},
+      ...     lambda p, batch_shape=(): jnp.zeros(tuple(batch_shape) + (4,), p["w"].dtype),
+      ...     step,
+      ... )
+      >>> report = check_cell(cell)
+      >>> report.passed
+      ('loop', 'carry', 'jit', 'vmap', 'grads')
+      >>> report.skipped[0]
+      ('input_size', 'the cell has no input_size capability')
     """
     if not isinstance(cell, Cell):
         raise TypeError(f"check_cell: cell must be a seqjax.Cell, got {type(cell).__name__}.")

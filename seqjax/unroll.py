@@ -20,7 +20,7 @@ import numpy as np
 from seqjax import gradients as _gradients
 from seqjax import solvers as _solvers
 from seqjax._scan import batch_shape_of_xs, time_axis_of, time_scan
-from seqjax._util import promote
+from seqjax._util import promote, same_treedef
 from seqjax.cells import Cell
 
 __all__ = [
@@ -77,7 +77,7 @@ def check_params(cell: Cell, params: Any, input_size: int) -> None:
         raise ValueError(f"input_size={input_size}: {e}") from None
     exp_leaves, exp_def = jax.tree_util.tree_flatten_with_path(expected)
     got_leaves, got_def = jax.tree_util.tree_flatten_with_path(params)
-    if exp_def != got_def:
+    if not same_treedef(exp_def, got_def):
         exp_keys = sorted(_fmt_path(p) for p, _ in exp_leaves)
         got_keys = sorted(_fmt_path(p) for p, _ in got_leaves)
         missing = sorted(set(exp_keys) - set(got_keys))
@@ -111,7 +111,7 @@ def check_carry(
     expected = jax.eval_shape(lambda p: cell.initial_carry(p, batch_shape), params)
     exp_leaves, exp_def = jax.tree_util.tree_flatten_with_path(expected)
     got_leaves, got_def = jax.tree_util.tree_flatten_with_path(carry)
-    if exp_def != got_def:
+    if not same_treedef(exp_def, got_def):
         raise ValueError(
             f"{name} has the tree {got_def} but the cell's carry is {exp_def}; "
             f"make it with cell.initial_carry(params, {batch_shape})."
@@ -319,6 +319,7 @@ def _run(
         }
         why = _kernel_refusals(cell, requested, gates, solver, T)
         if not why:
+            assert cell.kernel is not None  # refused above when the cell has none
             final, ys, cs = cell.kernel.run(
                 params,
                 carry0,
@@ -337,6 +338,8 @@ def _run(
                 f"gradient={plan.name} cannot run here: {'; '.join(why)}. Use Auto() or Autodiff()."
             )
 
+    cell_gates = cell.gates if gates else None  # not None when gates (checked above)
+
     def body(c, inp):
         x, m, r, k = inp
         if k is not None:  # truncated BPTT: cut the gradient through the carry here
@@ -344,7 +347,7 @@ def _run(
         if r is not None:
             c = _select(r, carry0, c)
         c_new, y = cell.step(params, c, x)
-        g = cell.gates(params, c, x) if gates else None
+        g = cell_gates(params, c, x) if cell_gates is not None else None
         if m is not None:
             c_new = _select(m, c_new, c)
             y = jnp.where(_bcast(m, y), y, jnp.zeros_like(y))
@@ -412,9 +415,11 @@ def unroll(
     ``carry_t, y_t = cell.step(params, carry_{t-1}, x_t)`` for ``t = 1..T`` (or ``T..1``
     with ``reverse=True``), starting from ``carry`` (default ``cell.initial_carry``: zeros).
 
-    Shapes (batch-major default, ``time_axis=-2``)::
+    Shapes (batch-major default, ``time_axis=-2``):
 
-        xs: (*batch, T, I)   ys: (*batch, T, O)   lengths: (*batch,)   mask, resets: (*batch, T)
+    ```text
+    xs: (*batch, T, I)   ys: (*batch, T, O)   lengths: (*batch,)   mask, resets: (*batch, T)
+    ```
 
     With ``time_axis=0`` everything is time-major: ``xs: (T, *batch, I)``. Any number of
     batch dimensions (including none: ``xs: (T, I)``) works.
@@ -466,6 +471,18 @@ def unroll(
         gradient the cell's kernel cannot serve (the message says why).
       TypeError: for a keyword of 0.1 (``bptt=``, ``return_carries=``, ...), naming its 0.2
         spelling.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.lstm(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jnp.ones((2, 5, 3))                        # (B, T, I)
+      >>> carry, ys = seqjax.unroll(cell, params, xs)
+      >>> print(ys.shape, carry.h.shape, carry.c.shape)   # ys: (B, T, H); LSTMState(h, c)
+      (2, 5, 4) (2, 4) (2, 4)
+      >>> carry, ys = seqjax.unroll(cell, params, xs, lengths=jnp.array([5, 3]))
+      >>> bool(jnp.all(ys[1, 3:] == 0))                   # zero past the sequence's length
+      True
     """
     if renamed:
         refuse_renamed("unroll", renamed)
@@ -500,19 +517,33 @@ def trajectory(
     start from.
 
     Args:
-      cell, params, xs, carry, lengths, mask, resets, reverse, time_axis, gradient, solver:
-        as in ``unroll``. The fused kernel serves trajectories of carries; gates are computed
-        on the plain scan (so ``gates=True`` with ``gradient=Fused()`` is refused).
+      cell: a ``Cell``.
+      params: the cell's params.
+      xs: inputs ``(*batch, T, I)``, features last.
+      carry: initial carry, leaves ``(*batch, ...)``; default ``cell.initial_carry``.
+      lengths: integer ``(*batch,)`` in ``[0, T]``.
+      mask: boolean ``(*batch, T)``.
+      resets: boolean ``(*batch, T)``.
+      reverse: scan from the last step to the first.
+      time_axis: the time axis of ``xs``.
+      gradient: a ``seqjax.gradients`` strategy (as in ``unroll``). The fused kernel serves
+        trajectories of carries; gates are computed on the plain scan (so ``gates=True``
+        with ``gradient=Fused()`` is refused).
+      solver: a ``seqjax.solvers`` solver.
       gates: also return the gates (needs the cell's ``gates`` capability).
 
     Returns:
       ``Trajectory(carry, ys, carries, gates)``; ``gates`` is ``None`` unless ``gates=True``.
 
-    Example::
-
-      tr = seqjax.trajectory(seqjax.lstm(32), params, xs, gates=True)
-      tr.carries.c.shape   # (B, T, 32): the cell state at every step
-      tr.gates["f"]        # (B, T, 32): the forget gate at every step
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.lstm(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> tr = seqjax.trajectory(cell, params, jnp.ones((2, 5, 3)), gates=True)
+      >>> print(tr.ys.shape, tr.carries.c.shape, tr.gates["f"].shape)   # every step's c_t and f_t
+      (2, 5, 4) (2, 5, 4) (2, 5, 4)
+      >>> bool(jnp.allclose(tr.carries.h[:, -1], tr.carry.h))           # the last one is the final carry
+      True
     """
     if renamed:
         refuse_renamed("trajectory", renamed)

@@ -1,11 +1,13 @@
 """Recurrent cells as bundles of pure functions and the capabilities they carry.
 
-The whole contract of a cell (``docs/design/cells.md`` has the reasoning)::
+The whole contract of a cell (``docs/design/cells.md`` has the reasoning):
 
-    cell = Cell(init, initial_carry, step, *, output=..., jacobian=..., ...)
-    params = cell.init(key, input_size)              # a pytree of arrays
-    carry = cell.initial_carry(params, batch_shape)  # a pytree of zeros, leaves (*batch, ...)
-    carry, y_t = cell.step(params, carry, x_t)       # x_t: (*batch, input_size)
+```text
+cell = Cell(init, initial_carry, step, *, output=..., jacobian=..., ...)
+params = cell.init(key, input_size)              # a pytree of arrays
+carry = cell.initial_carry(params, batch_shape)  # a pytree of zeros, leaves (*batch, ...)
+carry, y_t = cell.step(params, carry, x_t)       # x_t: (*batch, input_size)
+```
 
 ``step`` is exactly the body of a ``jax.lax.scan``; ``seqjax.unroll`` is the one place
 that scans it. Params come first in every function so ``jax.grad`` differentiates them by

@@ -1,13 +1,15 @@
 """The cell type, its capabilities, and the helpers every family module shares.
 
-The whole contract of a cell, in one place (``docs/design/cells.md`` has the reasoning)::
+The whole contract of a cell, in one place (``docs/design/cells.md`` has the reasoning):
 
-    cell = Cell(init, initial_carry, step, *, output=None, jacobian=None,
-                jacobian_diagonal=None, kernel=None, gates=None, input_size=None,
-                jacobian_bound=None, meta=None)
-    params = cell.init(key, input_size)              # a pytree of arrays
-    carry = cell.initial_carry(params, batch_shape)  # a pytree of zeros, leaves (*batch, ...)
-    carry, y_t = cell.step(params, carry, x_t)       # x_t: (*batch, input_size)
+```text
+cell = Cell(init, initial_carry, step, *, output=None, jacobian=None,
+            jacobian_diagonal=None, kernel=None, gates=None, input_size=None,
+            jacobian_bound=None, meta=None)
+params = cell.init(key, input_size)              # a pytree of arrays
+carry = cell.initial_carry(params, batch_shape)  # a pytree of zeros, leaves (*batch, ...)
+carry, y_t = cell.step(params, carry, x_t)       # x_t: (*batch, input_size)
+```
 
 Optional capabilities (``None`` when absent; generic drivers use them, never a kind string;
 a generic fallback computes the same thing to float tolerance):
@@ -221,7 +223,16 @@ def _same_function(new, old) -> bool:
 
 # A Cell is a pytree node whose children are its fields (functions are leaves, as in 0.1);
 # JAX rebuilds it with Cell._make, since the constructor's capabilities are keyword-only.
-jax.tree_util.register_pytree_node(Cell, lambda c: (tuple(c), None), lambda _, xs: Cell._make(xs))
+def _cell_flatten(cell: Cell) -> tuple[tuple[Any, ...], None]:
+    return tuple(cell), None
+
+
+def _cell_unflatten(aux: None, children: tuple[Any, ...]) -> Cell:
+    del aux
+    return Cell._make(children)
+
+
+jax.tree_util.register_pytree_node(Cell, _cell_flatten, _cell_unflatten)
 
 
 # --------------------------------------------------------------------------- activations (the one table)
@@ -465,17 +476,18 @@ def wrap(
       ``params``). Built twice with equal arguments (the same functions), the results are
       equal.
 
-    Example::
-
-      doubled = seqjax.cells.wrap(seqjax.lstm(64), inputs=lambda x: 2.0 * x)
-      doubled.kernel is not None      # True: the fused LSTM kernel is kept
+    Examples:
+      >>> import seqjax
+      >>> doubled = seqjax.cells.wrap(seqjax.lstm(4), inputs=lambda x: 2.0 * x)
+      >>> doubled.kernel is not None          # the fused LSTM kernel is kept
+      True
     """
     if not isinstance(cell, Cell):
         raise TypeError(f"wrap: cell must be a seqjax.Cell, got {type(cell).__name__}.")
     if params is not None and init is None:
         raise ValueError("wrap: a params map needs init=(key, input_size) -> outer params.")
     get = _identity_params if params is None else params
-    caps = {}
+    caps: dict[str, Any] = {}
     for name in ("output", "jacobian", "jacobian_diagonal", "gates"):
         cap = getattr(cell, name)
         caps[name] = None if cap is None else bind(_wrapped_cap, cap=cap, get=get, inputs=inputs)

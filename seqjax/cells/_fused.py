@@ -1,11 +1,13 @@
 r"""Capabilities derived from a cell's gate equations, written once per family.
 
 Most gated cells share one shape: an affine input projection, an affine recurrent
-projection of the carry's first component ``h``, then elementwise gate arithmetic::
+projection of the carry's first component ``h``, then elementwise gate arithmetic:
 
-    a_t = x_t W_x + b_x                       (*batch, G*H)
-    u_t = h_{t-1} W_h [+ b_u]                 (*batch, G*H)
-    s_t, residual_t = fwd(a_t, u_t, s_{t-1})  unit by unit;  y_t = h_t = s_t[0]
+```text
+a_t = x_t W_x + b_x                       (*batch, G*H)
+u_t = h_{t-1} W_h [+ b_u]                 (*batch, G*H)
+s_t, residual_t = fwd(a_t, u_t, s_{t-1})  unit by unit;  y_t = h_t = s_t[0]
+```
 
 A family describes that shape once, as a ``GateMath`` (its gate equations ``fwd`` and
 their derivatives ``bwd``), and gets from this module, exactly and for free:

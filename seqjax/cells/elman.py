@@ -109,17 +109,26 @@ def rnn(
       activation: ``"tanh"`` (default), ``"relu"``, ``"leaky_relu"``, ``"identity"`` or a
         callable applied elementwise.
       hidden_bias: keep a second bias ``b_h`` (for exact PyTorch state-dict round trips).
-      kernel_init, recurrent_init, bias_init: initialisers ``(key, shape, dtype)`` of
-        ``w_x``, ``w_h`` and the biases.
+      kernel_init: initialiser ``(key, shape, dtype)`` of ``w_x``.
+      recurrent_init: initialiser of ``w_h``.
+      bias_init: initialiser of the biases.
 
     Returns:
       A ``Cell``.
 
-    Example::
-
-      cell = seqjax.rnn(32)
-      params = cell.init(jax.random.key(0), input_size=8)
-      carry, ys = seqjax.unroll(cell, params, xs)  # xs: (B, T, 8) -> ys: (B, T, 32)
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.rnn(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> sorted((name, w.shape) for name, w in params.items())
+      [('b', (4,)), ('w_h', (4, 4)), ('w_x', (3, 4))]
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> h, ys = seqjax.unroll(cell, params, xs)
+      >>> print(h.shape, ys.shape)
+      (2, 4) (2, 5, 4)
+      >>> h_1 = jnp.tanh(xs[:, 0] @ params["w_x"] + params["b"])   # the first step, from h_0 = 0
+      >>> bool(jnp.allclose(ys[:, 0], h_1, atol=1e-6))
+      True
 
     Reference: Elman, "Finding structure in time", Cognitive Science 14 (1990).
     """

@@ -1,15 +1,19 @@
 r"""The GRU in PyTorch's convention: gate equations written once; step, Jacobian, diagonal
 and fused kernel from them.
 
-With gate order ``r, z, n``, ``a = x W_x + b`` and ``u = h W_h + b_h``::
+With gate order ``r, z, n``, ``a = x W_x + b`` and ``u = h W_h + b_h``:
 
-    r = sigmoid(a_r + u_r)   z = sigmoid(a_z + u_z)   n = tanh(a_n + r * u_n)
-    h_t = (1 - z) * n + z * h_{t-1}
+```text
+r = sigmoid(a_r + u_r)   z = sigmoid(a_z + u_z)   n = tanh(a_n + r * u_n)
+h_t = (1 - z) * n + z * h_{t-1}
+```
 
-and their derivatives (``_bwd``)::
+and their derivatives (``_bwd``):
 
-    dn = d (1 - z)(1 - n^2)   dz = d (h_{t-1} - n) z(1-z)   dr = dn u_n r(1-r)
-    dL/da = [dr, dz, dn]      dL/du = [dr, dz, dn * r]      dL/dh_{t-1} = dL/du W_h^T + d * z
+```text
+dn = d (1 - z)(1 - n^2)   dz = d (h_{t-1} - n) z(1-z)   dr = dn u_n r(1-r)
+dL/da = [dr, dz, dn]      dL/du = [dr, dz, dn * r]      dL/dh_{t-1} = dL/du W_h^T + d * z
+```
 """
 
 from __future__ import annotations
@@ -101,12 +105,14 @@ def _gates(params, carry, x, *, math):
 def gru(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=None) -> Cell:
     r"""Gated recurrent unit in PyTorch's convention (Cho et al. 2014).
 
-    With gate order ``r, z, n`` (PyTorch's)::
+    With gate order ``r, z, n`` (PyTorch's):
 
-        r = sigmoid(x W_xr + b_r + h W_hr + b_hr)
-        z = sigmoid(x W_xz + b_z + h W_hz + b_hz)
-        n = tanh(x W_xn + b_n + r * (h W_hn + b_hn))     # reset applied after W_hn h + b_hn
-        h_t = (1 - z) * n + z * h_{t-1}
+    ```text
+    r = sigmoid(x W_xr + b_r + h W_hr + b_hr)
+    z = sigmoid(x W_xz + b_z + h W_hz + b_hz)
+    n = tanh(x W_xn + b_n + r * (h W_hn + b_hn))     # reset applied after W_hn h + b_hn
+    h_t = (1 - z) * n + z * h_{t-1}
+    ```
 
     This is ``torch.nn.GRU`` exactly (and Flax's linen ``GRUCell``, which has
     ``b_hr = b_hz = 0``). The original paper applies the reset before the matmul,
@@ -119,10 +125,24 @@ def gru(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=No
 
     Args:
       hidden_size: ``H``.
-      kernel_init, recurrent_init, bias_init: initialisers; default PyTorch's uniform.
+      kernel_init: initialiser ``(key, shape, dtype)`` of ``w_x``; default PyTorch's uniform.
+      recurrent_init: initialiser of ``w_h``; default PyTorch's uniform.
+      bias_init: initialiser of the biases; default PyTorch's uniform.
 
     Returns:
       A ``Cell``; ``gates`` returns ``{"r", "z", "n"}`` activations ``(*batch, H)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.gru(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> print(params["w_x"].shape, params["w_h"].shape, params["b_h"].shape)   # blocks r, z, n
+      (3, 12) (4, 12) (12,)
+      >>> h, ys = seqjax.unroll(cell, params, jnp.ones((2, 5, 3)))
+      >>> print(h.shape, ys.shape)
+      (2, 4) (2, 5, 4)
+      >>> sorted(cell.gates(params, h, jnp.ones((2, 3))))
+      ['n', 'r', 'z']
     """
     H = check_hidden(hidden_size)
     math = _fused.GateMath(

@@ -1,17 +1,21 @@
 r"""The LSTM: gate equations written once; step, Jacobian, diagonal and fused kernel from them.
 
 With ``z = x_t W_x + h_{t-1} W_h + b`` split into four blocks in PyTorch's gate order
-``i, f, g, o``::
+``i, f, g, o``:
 
-    i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
-    c_t = f * c_{t-1} + i * g
-    h_t = o * tanh(c_t)
+```text
+i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
+c_t = f * c_{t-1} + i * g
+h_t = o * tanh(c_t)
+```
 
-and their derivatives (``_bwd``)::
+and their derivatives (``_bwd``):
 
-    dc  = dL/dc_t + dL/dh_t * o * (1 - tanh(c_t)^2)
-    dz  = [dc g i(1-i),  dc c_{t-1} f(1-f),  dc i (1-g^2),  dL/dh_t tanh(c_t) o(1-o)]
-    dL/dh_{t-1} = dz W_h^T,   dL/dc_{t-1} = dc * f      (the near-identity path diag(f))
+```text
+dc  = dL/dc_t + dL/dh_t * o * (1 - tanh(c_t)^2)
+dz  = [dc g i(1-i),  dc c_{t-1} f(1-f),  dc i (1-g^2),  dL/dh_t tanh(c_t) o(1-o)]
+dL/dh_{t-1} = dz W_h^T,   dL/dc_{t-1} = dc * f      (the near-identity path diag(f))
+```
 """
 
 from __future__ import annotations
@@ -230,11 +234,13 @@ def lstm(
     r"""Long short-term memory cell (Hochreiter & Schmidhuber 1997; Gers et al. 2000).
 
     With ``z = x_t W_x + h_{t-1} W_h + b`` split into four blocks in PyTorch's gate order
-    ``i, f, g, o``::
+    ``i, f, g, o``:
 
-        i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
-        c_t = f * c_{t-1} + i * g
-        h_t = o * tanh(c_t)            (times W_p when proj_size > 0, as PyTorch)
+    ```text
+    i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
+    c_t = f * c_{t-1} + i * g
+    h_t = o * tanh(c_t)            (times W_p when proj_size > 0, as PyTorch)
+    ```
 
     ``dc_t/dc_{t-1} = diag(f)``: the near-identity path that keeps gradients alive.
 
@@ -255,10 +261,25 @@ def lstm(
       forget_bias: added to the forget-gate block of ``b`` at initialisation (1.0 is the
         common choice of Gers et al. and Jozefowicz et al. 2015).
       hidden_bias: keep a second bias ``b_h`` (PyTorch's ``bias_hh``).
-      kernel_init, recurrent_init, bias_init: initialisers; default PyTorch's uniform.
+      kernel_init: initialiser ``(key, shape, dtype)`` of ``w_x``; default PyTorch's uniform.
+      recurrent_init: initialiser of ``w_h``; default PyTorch's uniform.
+      bias_init: initialiser of the biases; default PyTorch's uniform.
 
     Returns:
       A ``Cell``; ``gates`` returns ``{"i", "f", "g", "o"}`` activations ``(*batch, H)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.lstm(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> print(params["w_x"].shape, params["w_h"].shape, params["b"].shape)   # blocks i, f, g, o
+      (3, 16) (4, 16) (16,)
+      >>> carry = cell.initial_carry(params, (2,))
+      >>> print(type(carry).__name__, carry.h.shape, carry.c.shape)
+      LSTMState (2, 4) (2, 4)
+      >>> carry, y = cell.step(params, carry, jnp.ones((2, 3)))
+      >>> bool(jnp.allclose(y, carry.h))
+      True
     """
     H = check_hidden(hidden_size)
     if proj_size < 0 or (proj_size != 0 and proj_size >= H):

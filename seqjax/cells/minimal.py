@@ -95,11 +95,13 @@ def _mgu_jacobian_diagonal(params, h, x, *, hidden_size):
 def mgu(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=None) -> Cell:
     r"""Minimal gated unit (Zhou, Wu, Zhang & Zhou 2016): one forget gate.
 
-    With blocks ``f, n`` of the kernels::
+    With blocks ``f, n`` of the kernels:
 
-        f = sigmoid(x W_xf + h_{t-1} W_hf + b_f)
-        n = tanh(x W_xn + (f * h_{t-1}) W_hn + b_n)
-        h_t = (1 - f) * h_{t-1} + f * n
+    ```text
+    f = sigmoid(x W_xf + h_{t-1} W_hf + b_f)
+    n = tanh(x W_xn + (f * h_{t-1}) W_hn + b_n)
+    h_t = (1 - f) * h_{t-1} + f * n
+    ```
 
     Params: ``w_x: (I, 2H)``, ``w_h: (H, 2H)``, ``b: (2H,)``. Carry: ``h: (*batch, H)``.
     Capabilities: output, analytic Jacobian and diagonal, gates (no fused kernel).
@@ -175,12 +177,14 @@ def janet(
 ) -> Cell:
     r"""Forget-gate-only LSTM, "JANET" (van der Westhuizen & Lasenby 2018).
 
-    With blocks ``f, c`` of the kernels::
+    With blocks ``f, c`` of the kernels:
 
-        s = x W_xf + h_{t-1} W_hf + b_f
-        c~ = tanh(x W_xc + h_{t-1} W_hc + b_c)
-        c_t = sigmoid(s) * c_{t-1} + (1 - sigmoid(s - beta)) * c~
-        h_t = c_t
+    ```text
+    s = x W_xf + h_{t-1} W_hf + b_f
+    c~ = tanh(x W_xc + h_{t-1} W_hc + b_c)
+    c_t = sigmoid(s) * c_{t-1} + (1 - sigmoid(s - beta)) * c~
+    h_t = c_t
+    ```
 
     ``beta = 0`` gives the coupled form ``c_t = f c_{t-1} + (1 - f) c~``.
 

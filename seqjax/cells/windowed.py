@@ -105,7 +105,8 @@ def tdnn(
       hidden_size: ``H``, the output size.
       window: ``K >= 1``, the number of inputs seen at each step (the current one included).
       activation: as in ``rnn``.
-      kernel_init, bias_init: initialisers; default ``U(-1/sqrt(K I), 1/sqrt(K I))`` and zeros.
+      kernel_init: initialiser of the kernel; default ``U(-1/sqrt(K I), 1/sqrt(K I))``.
+      bias_init: initialiser of the bias; default zeros.
 
     Returns:
       A ``Cell``.

@@ -21,6 +21,7 @@ capabilities of its inner cells, keeping what stays exact and dropping what does
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -258,9 +259,11 @@ def dropout(cell: Cell, *, input_rate: float = 0.0, recurrent_rate: float = 0.0,
     r"""Variational dropout (Gal & Ghahramani 2016) as a cell transformation.
 
     One Bernoulli mask per sequence, shared by every step, on the input and on the state fed
-    back into the step::
+    back into the step:
 
-        carry_t, y_t = cell.step(params, m_s * carry_{t-1}, m_x * x_t)
+    ```text
+    carry_t, y_t = cell.step(params, m_s * carry_{t-1}, m_x * x_t)
+    ```
 
     with ``m_x ~ Bernoulli(1 - input_rate) / (1 - input_rate)`` of shape ``(*batch, I)`` and
     ``m_s`` likewise on the ``h`` field of a carry that has one (``LSTMState``: the cell state
@@ -288,12 +291,22 @@ def dropout(cell: Cell, *, input_rate: float = 0.0, recurrent_rate: float = 0.0,
     Returns:
       A ``Cell`` with the params of ``cell``.
 
-    Example::
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.lstm(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> noisy = seqjax.cells.dropout(cell, input_rate=0.2, recurrent_rate=0.25, key=jax.random.key(1))
+      >>> _, ys = seqjax.unroll(noisy, params, xs)          # training: the same params
+      >>> _, ys_eval = seqjax.unroll(cell, params, xs)      # evaluation: the plain cell
+      >>> print(ys.shape, bool(jnp.allclose(ys, ys_eval)))
+      (2, 5, 4) False
 
-      def loss(params, batch, key):
-          xs, ys = batch
-          _, out = seqjax.unroll(seqjax.cells.dropout(cell, recurrent_rate=0.25, key=key), params, xs)
-          return jnp.mean((out - ys) ** 2)
+      In a loss, build it with a fresh key per step (inside the jitted function):
+
+      >>> def loss(params, xs, ys, key):
+      ...     cell_d = seqjax.cells.dropout(cell, recurrent_rate=0.25, key=key)
+      ...     return jnp.mean((seqjax.unroll(cell_d, params, xs)[1] - ys) ** 2)
     """
     if not isinstance(cell, Cell):
         raise TypeError(f"dropout: cell must be a seqjax.Cell, got {type(cell).__name__}.")
@@ -306,7 +319,7 @@ def dropout(cell: Cell, *, input_rate: float = 0.0, recurrent_rate: float = 0.0,
         raise ValueError(
             "dropout needs a PRNG key: seqjax.cells.dropout(cell, ..., key=jax.random.key(...))."
         )
-    caps = {}
+    caps: dict[str, Any] = {}
     if cell.output is not None:
         caps["output"] = bind(_dropout_output, cell=cell, **drop)
     if cell.gates is not None:
@@ -411,9 +424,11 @@ def _stack_input_size(params, *, cell):
 def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None = None) -> Cell:
     r"""Deep recurrent network as one ``Cell``: layer ``l`` reads the output of layer ``l-1``.
 
-    At each step ``t``::
+    At each step ``t``:
 
-        carry^l_t, y^l_t = cell_l.step(params[l], carry^l_{t-1}, y^{l-1}_t),   y^0_t = x_t
+    ```text
+    carry^l_t, y^l_t = cell_l.step(params[l], carry^l_{t-1}, y^{l-1}_t),   y^0_t = x_t
+    ```
 
     and the stack's output is ``y^L_t``. The carry is the tuple ``(carry^1, ..., carry^L)``,
     so ``unroll(stack(cells), params, xs)`` runs all layers in one scan over time. This is
@@ -442,11 +457,20 @@ def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None 
     Returns:
       A ``Cell``.
 
-    Example::
-
-      cell = stack([seqjax.lstm(64), seqjax.lstm(64)])
-      params = cell.init(jax.random.key(0), input_size=8)     # (params_0, params_1)
-      (c1, c2), ys = seqjax.unroll(cell, params, xs)            # ys: (B, T, 64)
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.cells.stack([seqjax.lstm(4), seqjax.gru(4)])
+      >>> params = cell.init(jax.random.key(0), input_size=3)     # (params_0, params_1)
+      >>> print(params[1]["w_x"].shape)                            # layer 1 reads layer 0's 4 outputs
+      (4, 12)
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> (c0, c1), ys = seqjax.unroll(cell, params, xs)
+      >>> print(c0.c.shape, c1.shape, ys.shape)
+      (2, 4) (2, 4) (2, 5, 4)
+      >>> _, ys0 = seqjax.unroll(seqjax.lstm(4), params[0], xs)    # the same, layer by layer
+      >>> _, ys1 = seqjax.unroll(seqjax.gru(4), params[1], ys0)
+      >>> bool(jnp.allclose(ys, ys1, atol=1e-6))
+      True
     """
     cells = tuple(cells)
     if not cells:
@@ -459,15 +483,16 @@ def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None 
         raise ValueError("stack: dropout > 0 needs a PRNG key: stack(cells, dropout=rate, key=key).")
     _check_key(key if rate else None, "stack")
     drop = {"cells": cells, "rate": rate, "key": key if rate else None}  # bind holds the key by identity
-    caps = {}
+    caps: dict[str, Any] = {}
     if all(c.output is not None for c in cells):
         caps["output"] = bind(_stack_output, **drop)
     if all(c.gates is not None for c in cells):
         caps["gates"] = bind(_stack_gates, **drop)
     if all(c.jacobian_diagonal is not None for c in cells):
         caps["jacobian_diagonal"] = bind(_stack_diagonal, **drop)
-    if all(c.kernel is not None for c in cells):
-        accepts = frozenset.intersection(*(c.kernel.accepts for c in cells))
+    kernels = [c.kernel for c in cells if c.kernel is not None]
+    if len(kernels) == len(cells):
+        accepts = frozenset.intersection(*(k.accepts for k in kernels))
         caps["kernel"] = Kernel(bind(_stack_run, **drop), accepts)
     if cells[0].input_size is not None:
         caps["input_size"] = bind(_stack_input_size, cell=cells[0])

@@ -1,17 +1,17 @@
 """The ``seqjax`` command: train, analyse and benchmark recurrent networks from the shell.
 
-::
-
-    seqjax demo [--out DIR] [--steps N] [--T T] [--quick]
-        Train a tanh RNN and an LSTM on the adding problem, then explain why one learns
-        and the other does not: Lyapunov spectra, gradient norm against lag, eigenvalues of
-        W_h and of the step Jacobians. Prints a verdict and writes DIR/report.md + PNGs.
-    seqjax train TASK [--cell lstm] [--hidden 128] [--steps N] [--out DIR] [--resume]
-        Train any cell on a built-in task, with checkpoints, history and plots.
-    seqjax spectrum RUN_DIR [--out DIR]
-        The spectrum report of a saved model (a directory written by train or demo).
-    seqjax bench [ARGS ...]
-        The benchmark suite (``python -m benchmarks ARGS``, from a source checkout).
+```text
+seqjax demo [--out DIR] [--steps N] [--T T] [--quick]
+    Train a tanh RNN and an LSTM on the adding problem, then explain why one learns
+    and the other does not: Lyapunov spectra, gradient norm against lag, eigenvalues of
+    W_h and of the step Jacobians. Prints a verdict and writes DIR/report.md + PNGs.
+seqjax train TASK [--cell lstm] [--hidden 128] [--steps N] [--out DIR] [--resume]
+    Train any cell on a built-in task, with checkpoints, history and plots.
+seqjax spectrum RUN_DIR [--out DIR]
+    The spectrum report of a saved model (a directory written by train or demo).
+seqjax bench [ARGS ...]
+    The benchmark suite (``python -m benchmarks ARGS``, from a source checkout).
+```
 
 Exit codes: 0 success, 2 bad arguments, a missing optional extra or an unreadable
 checkpoint (with a message saying what to do), 1 any other failure.

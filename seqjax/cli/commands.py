@@ -4,6 +4,7 @@ directories of ``seqjax.cli.runs`` for training) and writes what it says."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -152,6 +153,8 @@ def run_demo(
 
 
 def cmd_demo(args) -> int:
+    """``seqjax demo``: ``run_demo`` with the parsed options (``--quick`` and ``--tiny`` shrink
+    the defaults of ``--steps`` and ``--T``). Returns the exit code, 0."""
     steps, T, hidden, batch = args.steps, args.T, args.hidden, args.batch
     if args.quick:
         steps = steps or 300
@@ -174,6 +177,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """``seqjax train TASK``: train a cell on a built-in task into a run directory
+    (checkpoints, history, plots). Returns the exit code; ``CLIError`` for an unknown task."""
     reg = _task_registry()
     if args.task not in reg:
         raise CLIError(f"unknown task {args.task!r}; choose from {', '.join(sorted(reg))}.")
@@ -243,6 +248,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_spectrum(args) -> int:
+    """``seqjax spectrum RUN``: the spectrum report (``report.md``, ``spectrum.json``, figures)
+    of the model saved in a run directory. Returns the exit code, 0."""
     config, cell, model, params, _ = load_run(args.run)
     draw = _plots(required=args.plot)
     out = args.out or os.path.join(args.run, "spectrum")
@@ -277,9 +284,12 @@ def cmd_spectrum(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """``seqjax bench ARGS``: the benchmark suite's ``main(ARGS)`` (a source checkout only;
+    ``CLIError`` otherwise). Returns its exit code."""
     try:
-        from benchmarks.cli import main as bench_main
-    except ImportError:
+        # imported by name: the suite is not part of the package (type checkers do not follow it)
+        bench_main = importlib.import_module("benchmarks.cli").main
+    except (ImportError, AttributeError):
         raise CLIError(
             "the benchmark suite is not importable: it lives in the benchmarks/ folder of the seqjax source "
             "repository. Run `seqjax bench` (or `python -m benchmarks`) from a source checkout, with "

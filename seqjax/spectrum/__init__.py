@@ -4,11 +4,13 @@ The recurrent state ``s`` is the *whole* carry flattened to a vector (leaves in 
 each raveled): for the Elman RNN ``s = h`` (``S = H``), for the LSTM ``s = [h, c]``
 (``S = 2H``; a Jacobian of ``h`` alone would miss the cell-state path
 ``dc_t/dc_{t-1} = diag(f_t)``), for a user's cell whatever its carry holds. Along a
-trajectory ``s_t = F(s_{t-1}, x_t)`` the objects are::
+trajectory ``s_t = F(s_{t-1}, x_t)`` the objects are:
 
-    J_t   = ds_t/ds_{t-1}            (S, S)   step Jacobian, J[i, j] = ds_t[i]/ds_{t-1}[j]
-    B_t   = ds_t/dx_t                (S, I)   input Jacobian
-    ds_T/ds_k = J_T J_{T-1} ... J_{k+1}        the factor that carries gradients back in time
+```text
+J_t   = ds_t/ds_{t-1}            (S, S)   step Jacobian, J[i, j] = ds_t[i]/ds_{t-1}[j]
+B_t   = ds_t/dx_t                (S, I)   input Jacobian
+ds_T/ds_k = J_T J_{T-1} ... J_{k+1}        the factor that carries gradients back in time
+```
 
 Our cells act on row vectors (``h_t = f(x_t W_x + h_{t-1} W_h + b)``), so for the Elman
 RNN ``J_t = diag(f'(net_t)) W_h^T``. Backpropagated errors obey

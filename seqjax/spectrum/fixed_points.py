@@ -8,7 +8,9 @@ Barak 2013; Golub & Sussillo 2018).
 
 ``find_fixed_points`` minimises the speed
 
-.. math:: q(s) = \tfrac12 \lVert F(s, x) - s \rVert^2
+$$
+q(s) = \tfrac12 \lVert F(s, x) - s \rVert^2
+$$
 
 from many starting states (typically sampled from trajectories with ``sample_states``) with
 an optax optimiser, all starts at once (``vmap``) inside one ``jit``; optionally refines by
@@ -63,7 +65,8 @@ def speed(cell: Cell, params: Any, states: jax.Array, x: jax.Array) -> jax.Array
     r"""The fixed-point objective ``q(s) = 1/2 ||F(s, x) - s||^2``.
 
     Args:
-      cell, params: the cell.
+      cell: the cell.
+      params: its params.
       states: flattened states ``(..., S)``.
       x: the constant input ``(I,)``.
 
@@ -85,7 +88,8 @@ def linearize(
     r"""Jacobians ``J = dF/ds`` at states and their eigendecomposition.
 
     Args:
-      cell, params: the cell.
+      cell: the cell.
+      params: its params.
       states: ``(N, S)`` flattened states.
       x: constant input ``(I,)``.
       host: where the eigendecomposition runs (see ``seqjax.spectrum.eig``).
@@ -120,7 +124,8 @@ def sample_states(
     """Draw ``n`` starting states from the trajectories of ``cell`` driven by ``xs``.
 
     Args:
-      cell, params: the cell.
+      cell: the cell.
+      params: its params.
       xs: ``(*batch, T, I)`` inputs (e.g. a batch of task inputs).
       n: how many states (drawn uniformly over sequences and steps, with replacement).
       key: PRNG key.
@@ -240,7 +245,8 @@ def find_fixed_points(
       spectral radius of ``J`` is below 1.
 
     Args:
-      cell, params: the cell.
+      cell: the cell.
+      params: its params.
       x: constant input ``(I,)`` (zeros for the autonomous dynamics).
       initial_states: ``(N, S)`` flattened states, or a carry with leaves ``(N, ...)``
         (e.g. from ``sample_states``).
@@ -259,11 +265,20 @@ def find_fixed_points(
     Returns:
       ``FixedPoints`` sorted by ``q`` (``print`` it for a summary).
 
-    Example::
+    Examples:
+      A tanh RNN with small recurrent weights (a contraction) has one fixed point for a
+      constant input, a stable one: every start converges to it, the duplicates are removed.
+      (For a trained network, start from visited states:
+      ``starts = sample_states(cell, params, xs, n=256, key=key, noise=0.01)``.)
 
-      starts = sample_states(cell, params, xs, n=256, key=key, noise=0.01)
-      fps = find_fixed_points(cell, params, jnp.zeros(I), starts, newton_steps=5)
-      print(fps.num_stable)
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> from seqjax.spectrum import find_fixed_points
+      >>> cell = seqjax.rnn(4, recurrent_init=jax.nn.initializers.normal(0.1))
+      >>> params = cell.init(jax.random.key(0), input_size=2)
+      >>> starts = 0.5 * jax.random.normal(jax.random.key(1), (8, 4))     # (N, S)
+      >>> fps = find_fixed_points(cell, params, jnp.zeros(2), starts, steps=50, newton_steps=2)
+      >>> len(fps.states), fps.num_stable, fps.num_duplicates, bool(fps.slow[0])
+      (1, 1, 7, False)
     """
     x = _check_x(x)
     S = state_size(cell, params)

@@ -193,6 +193,13 @@ def lyapunov_from_jacobians(
 
     Returns:
       ``LyapunovSpectrum``.
+
+    Examples:
+      >>> import jax.numpy as jnp, seqjax
+      >>> J = jnp.broadcast_to(jnp.array([[2.0, 1.0], [0.0, 0.5]]), (40, 2, 2))   # s_t = J s_{t-1}
+      >>> spec = seqjax.spectrum.lyapunov_from_jacobians(J, window=10)
+      >>> bool(jnp.allclose(spec.exponents, jnp.log(jnp.array([2.0, 0.5])), atol=0.05))
+      True
     """
     J = jnp.asarray(jacobians)
     if J.ndim < 3 or J.shape[-1] != J.shape[-2]:
@@ -241,9 +248,11 @@ def lyapunov_spectrum(
 
     With ``Q_0`` a random orthonormal ``S x k`` frame, iterate
     ``Q_t R_t = J_t Q_{t-1}`` (QR every ``r = reortho_every`` steps; in between
-    ``Q <- J_t Q``) and average the logs of the diagonal of ``R``::
+    ``Q <- J_t Q``) and average the logs of the diagonal of ``R``:
 
-        lambda_i = (1/N) sum_t log |R_t[i, i]|          (per step, natural log)
+    ```text
+    lambda_i = (1/N) sum_t log |R_t[i, i]|          (per step, natural log)
+    ```
 
     The exponents measure the asymptotic growth of ``ds_T/ds_k`` along nested subspaces:
     ``lambda_1`` is the rate at which the largest gradient component grows (> 0: exploding,
@@ -290,11 +299,17 @@ def lyapunov_spectrum(
     Returns:
       ``LyapunovSpectrum(exponents (*batch, k), stderr, finite_time (*batch, nw, k), window, steps)``.
 
-    Example::
-
-      cell = seqjax.rnn(64); params = cell.init(key, 1)
-      spec = lyapunov_spectrum(cell, params, xs, warmup=100, frame_warmup=100)
-      print(spec)            # exponents with error bars
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.rnn(4, activation="identity")            # linear: J_t = W_h^T
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> params["w_h"] = jnp.diag(jnp.array([0.9, 0.5, 0.2, 0.1]))
+      >>> spec = seqjax.spectrum.lyapunov_spectrum(
+      ...     cell, params, jnp.ones((2, 20, 3)), window=5, frame=jnp.eye(4))
+      >>> print(spec.exponents.shape, spec.finite_time.shape)    # (B, k), (B, windows, k)
+      (2, 4) (2, 4, 4)
+      >>> bool(jnp.allclose(spec.exponents, jnp.log(jnp.array([0.9, 0.5, 0.2, 0.1])), atol=1e-5))
+      True
 
     References: Benettin et al. (1980); Eckmann & Ruelle (1985); Engelken, Wolf & Abbott (2020).
     """

@@ -52,8 +52,10 @@ def top_singular_values(
     matrix-vector products; memory ``O(S k)``.
 
     Args:
-      cell, params: the cell.
-      carry: one unbatched carry; ``x_t``: ``(I,)``.
+      cell: the cell.
+      params: its params.
+      carry: one unbatched carry.
+      x_t: the input ``(I,)``.
       k: how many singular values.
       iters: subspace iterations (convergence ~ ``(sigma_{k+1}/sigma_k)^(2 iters)``).
       key: PRNG key of the start frame.
@@ -97,8 +99,10 @@ def top_eigenvalues(
     separated outer eigenvalues converge first. No restarts: raise ``m`` for accuracy.
 
     Args:
-      cell, params: the cell.
-      carry: one unbatched carry; ``x_t``: ``(I,)``.
+      cell: the cell.
+      params: its params.
+      carry: one unbatched carry.
+      x_t: the input ``(I,)``.
       k: how many eigenvalues.
       krylov_dim: ``m`` (default ``min(S, max(2k + 20, 40))``).
       key: PRNG key of the start vector.

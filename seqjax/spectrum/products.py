@@ -46,6 +46,15 @@ def lag_log_norms(
 
     Returns:
       ``(*batch, T)``: entry ``L - 1`` is the log norm at lag ``L`` (natural log).
+
+    Examples:
+      >>> import jax.numpy as jnp, seqjax
+      >>> J = jnp.broadcast_to(0.5 * jnp.eye(3), (2, 10, 3, 3))    # (B, T, S, S)
+      >>> curve = seqjax.spectrum.lag_log_norms(J)                 # log ||J_T ... J_{T-L+1}||_2
+      >>> print(curve.shape)
+      (2, 10)
+      >>> bool(jnp.allclose(curve, jnp.arange(1, 11) * jnp.log(0.5), atol=1e-5))
+      True
     """
     J = jnp.asarray(jacobians)
     if J.ndim < 3 or J.shape[-1] != J.shape[-2]:
@@ -120,6 +129,13 @@ def product_singular_values(
 
     Returns:
       ``(*batch, k)`` natural logs, decreasing (``-inf`` for exact zeros).
+
+    Examples:
+      >>> import jax.numpy as jnp, seqjax
+      >>> J = jnp.broadcast_to(jnp.diag(jnp.array([2.0, 0.5])), (30, 2, 2))   # J_1 .. J_30
+      >>> logs = seqjax.spectrum.product_singular_values(J)                     # log sigma_i(M)
+      >>> bool(jnp.allclose(logs, 30 * jnp.log(jnp.array([2.0, 0.5])), rtol=1e-4))
+      True
     """
     J = jnp.asarray(jacobians)
     if J.ndim < 3 or J.shape[-1] != J.shape[-2]:

@@ -1,12 +1,14 @@
 """Training: one compiled optax step, a safe ``fit`` loop, checkpoints and data parallelism.
 
-The contract, in one place::
+The contract, in one place:
 
-    state = init_train_state(params, optimizer, key=key)   # TrainState(params, opt_state, step, key, skipped)
-    step = make_train_step(loss_fn, optimizer)             # jitted, donates `state`, compiles once
-    state, metrics = step(state, batch)                    # metrics: loss, grad_norm, finite, [clipped], aux
-    result = fit(loss_fn, optimizer, params, data, key=key, steps=1000,          # the loop around it
-                 evaluation=Evaluation(val), checkpoints=Checkpoints("ckpt"), logging=Logging(every=100))
+```text
+state = init_train_state(params, optimizer, key=key)   # TrainState(params, opt_state, step, key, skipped)
+step = make_train_step(loss_fn, optimizer)             # jitted, donates `state`, compiles once
+state, metrics = step(state, batch)                    # metrics: loss, grad_norm, finite, [clipped], aux
+result = fit(loss_fn, optimizer, params, data, key=key, steps=1000,          # the loop around it
+             evaluation=Evaluation(val), checkpoints=Checkpoints("ckpt"), logging=Logging(every=100))
+```
 
 ``loss_fn(params, batch) -> loss`` (or ``-> (loss, aux_dict)`` with ``has_aux=True``, and
 ``loss_fn(params, batch, key)`` with ``with_key=True`` for dropout; evaluation then passes
@@ -23,18 +25,20 @@ is NaN/inf the update is not applied (params and optimizer state are kept bit-fo
 going (``on_nonfinite="skip"``) or stops with ``NonFiniteError`` naming the step
 (``"stop"``), and it never writes a checkpoint of a non-finite state.
 
-Modules (each imports only those above it in this list)::
+Modules (each imports only those above it in this list):
 
-    state        TrainState, init_train_state, the PRNG-key check
-    clipping     ClipState, track_clipping, clipped, clipped_adam
-    data         data_parallel_mesh; the array / function / iterable sources, batch checks,
-                 placing batches on a mesh and replicating the state
-    step         make_train_step, make_eval_step, evaluate; the finite check, the loss call
-    checkpoints  save_checkpoint, restore_checkpoint (orbax, imported lazily)
-    options      Evaluation, Checkpoints, Logging (fit's option groups); 0.1 keyword errors
-    history      History: interval means, the history file, progress bar, callbacks
-    loop         fit, FitResult, NonFiniteError (the module is not called `fit`: that name is
-                 the function, re-exported here)
+```text
+state        TrainState, init_train_state, the PRNG-key check
+clipping     ClipState, track_clipping, clipped, clipped_adam
+data         data_parallel_mesh; the array / function / iterable sources, batch checks,
+             placing batches on a mesh and replicating the state
+step         make_train_step, make_eval_step, evaluate; the finite check, the loss call
+checkpoints  save_checkpoint, restore_checkpoint (orbax, imported lazily)
+options      Evaluation, Checkpoints, Logging (fit's option groups); 0.1 keyword errors
+history      History: interval means, the history file, progress bar, callbacks
+loop         fit, FitResult, NonFiniteError (the module is not called `fit`: that name is
+             the function, re-exported here)
+```
 """
 
 from seqjax.train.checkpoints import restore_checkpoint, save_checkpoint

@@ -63,9 +63,15 @@ def save_checkpoint(
     Returns:
       Whether a checkpoint was written.
 
-    Example::
-
-        save_checkpoint("runs/a/checkpoints", state, meta={"note": "warm start"})
+    Examples:
+      >>> import tempfile, jax, jax.numpy as jnp, optax
+      >>> from seqjax.train import init_train_state, save_checkpoint
+      >>> state = init_train_state({"w": jnp.ones(3)}, optax.sgd(0.1), key=jax.random.key(0))
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     first = save_checkpoint(tmp, state, meta={"note": "warm start"})
+      ...     again = save_checkpoint(tmp, state)             # step 0 is already saved
+      >>> first, again
+      (True, False)
     """
     import orbax.checkpoint as ocp
 
@@ -100,9 +106,17 @@ def restore_checkpoint(
     Returns:
       ``(state, meta)``, or ``None`` when the directory holds no checkpoint.
 
-    Example::
-
-        state, meta = restore_checkpoint("runs/a/checkpoints", init_train_state(params, opt, key=key))
+    Examples:
+      >>> import tempfile, jax, jax.numpy as jnp, optax
+      >>> from seqjax.train import init_train_state, restore_checkpoint, save_checkpoint
+      >>> opt = optax.sgd(0.1)
+      >>> state = init_train_state({"w": jnp.arange(3.0)}, opt, key=jax.random.key(0))
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     _ = save_checkpoint(tmp, state, meta={"note": "warm start"})
+      ...     target = init_train_state({"w": jnp.zeros(3)}, opt, key=jax.random.key(1))
+      ...     restored, meta = restore_checkpoint(tmp, target)
+      >>> restored.params["w"].tolist(), meta
+      ([0.0, 1.0, 2.0], {'note': 'warm start'})
     """
     import orbax.checkpoint as ocp
 

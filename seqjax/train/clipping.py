@@ -36,9 +36,11 @@ def track_clipping(inner: optax.GradientTransformation) -> optax.GradientTransfo
 
     With ``u_out, s' = inner.update(u_in, s, params)``, the flag is
 
-    .. math:: \mathrm{clipped} = \bigvee_{\ell} \bigvee_i\, u^{out}_{\ell,i} \ne u^{in}_{\ell,i}
+    $$
+    \mathrm{clipped} = \bigvee_{\ell} \bigvee_i\, u^{out}_{\ell,i} \ne u^{in}_{\ell,i}
+    $$
 
-    over the leaves :math:`\ell` and their entries :math:`i`. It is exact for every rule
+    over the leaves $\ell$ and their entries $i$. It is exact for every rule
     that passes an unclipped gradient through unchanged (``optax.clip_by_global_norm``,
     ``optax.clip``, ``optax.adaptive_grad_clip``, ``optax.clip_by_block_rms``, a user's own).
     The updates are exactly ``inner``'s (same tree, shapes and dtypes). ``make_train_step``
@@ -51,9 +53,17 @@ def track_clipping(inner: optax.GradientTransformation) -> optax.GradientTransfo
     Returns:
       An ``optax.GradientTransformation`` with state ``ClipState(inner_state, clipped: () bool)``.
 
-    Example::
-
-        opt = optax.chain(track_clipping(optax.clip(0.5)), optax.sgd(0.1))
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> from seqjax.train import track_clipping
+      >>> opt = optax.chain(track_clipping(optax.clip(0.5)), optax.sgd(0.1))
+      >>> params = jnp.zeros(3)
+      >>> _, state = opt.update(jnp.array([0.1, 0.2, 0.3]), opt.init(params), params)
+      >>> bool(state[0].clipped)
+      False
+      >>> _, state = opt.update(jnp.array([0.1, 0.2, 0.9]), state, params)
+      >>> bool(state[0].clipped)                          # 0.9 was clipped to 0.5
+      True
     """
 
     def init_fn(params):
@@ -84,26 +94,35 @@ def clipped(
     Exactly one rule, applied to the gradient pytree ``g`` (leaves of any shape):
 
     * ``max_norm``: global-norm clipping (Pascanu, Mikolov & Bengio 2013),
-      :math:`g \leftarrow g \cdot \min(1, c / \|g\|_2)` with :math:`\|g\|_2` over all leaves
+      $g \leftarrow g \cdot \min(1, c / \|g\|_2)$ with $\|g\|_2$ over all leaves
       (``optax.clip_by_global_norm``).
-    * ``clip_value``: element-wise value clipping :math:`g \leftarrow \mathrm{clip}(g, -c, c)`
+    * ``clip_value``: element-wise value clipping $g \leftarrow \mathrm{clip}(g, -c, c)$
       (``optax.clip``), the fixed-threshold clipping of the classical RNN literature (e.g.
       Graves 2013).
     * ``adaptive``: unit-wise adaptive clipping (Brock et al. 2021),
-      :math:`g_i \leftarrow g_i \cdot \min(1, \lambda \max(\|w_i\|, \epsilon) / \|g_i\|)`
+      $g_i \leftarrow g_i \cdot \min(1, \lambda \max(\|w_i\|, \epsilon) / \|g_i\|)$
       (``optax.adaptive_grad_clip``).
 
     Args:
       optimizer: the optax transformation applied after clipping.
-      max_norm, clip_value, adaptive: the threshold of the chosen rule (positive).
-      adaptive_eps: :math:`\epsilon` of adaptive clipping.
+      max_norm: the threshold ``c`` of global-norm clipping (positive), or ``None``.
+      clip_value: the threshold ``c`` of element-wise clipping (positive), or ``None``.
+      adaptive: the factor ``lambda`` of adaptive clipping (positive), or ``None``.
+      adaptive_eps: $\epsilon$ of adaptive clipping.
 
     Returns:
       An ``optax.GradientTransformation`` (an ordinary ``optax.chain``).
 
-    Example::
-
-        opt = clipped(optax.sgd(0.1), clip_value=1.0)
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> from seqjax.train import clipped
+      >>> opt = clipped(optax.sgd(1.0), max_norm=1.0)          # g <- g min(1, 1 / ||g||_2)
+      >>> params = {"w": jnp.zeros(2)}
+      >>> updates, state = opt.update({"w": jnp.array([3.0, 4.0])}, opt.init(params), params)
+      >>> bool(jnp.allclose(updates["w"], jnp.array([-0.6, -0.8])))   # ||g|| = 5 -> 1; sgd: -g
+      True
+      >>> bool(state[0].clipped)                               # the ClipState of track_clipping
+      True
     """
     given = {
         k: v
@@ -136,22 +155,31 @@ def clipped_adam(
 ) -> optax.GradientTransformation:
     r"""Adam behind gradient clipping: ``clipped(optax.adam(learning_rate, **adam_kwargs), ...)``.
 
-    The default is global-norm clipping at 1, :math:`g \leftarrow g \min(1, 1/\|g\|_2)`; pass
+    The default is global-norm clipping at 1, $g \leftarrow g \min(1, 1/\|g\|_2)$; pass
     ``clip_value=`` or ``adaptive=`` (with ``max_norm=None``) for the other rules. See
     ``clipped``.
 
     Args:
       learning_rate: Adam's step size (a float or an optax schedule).
-      max_norm, clip_value, adaptive: the clipping rule (see ``clipped``).
+      max_norm: global-norm threshold (default 1; ``None`` for another rule).
+      clip_value: element-wise threshold (see ``clipped``).
+      adaptive: unit-wise adaptive threshold (see ``clipped``).
       **adam_kwargs: passed to ``optax.adam`` (``b1``, ``b2``, ``eps``, ...).
 
     Returns:
       An ``optax.GradientTransformation``.
 
-    Example::
+    Examples:
+      ``clipped_adam(1e-2, max_norm=1.0)`` is
+      ``optax.chain(track_clipping(optax.clip_by_global_norm(1.0)), optax.adam(1e-2))``:
 
-        opt = clipped_adam(1e-2, max_norm=1.0)
-        # == optax.chain(track_clipping(optax.clip_by_global_norm(1.0)), optax.adam(1e-2))
+      >>> import jax.numpy as jnp
+      >>> from seqjax.train import clipped_adam
+      >>> opt = clipped_adam(1e-2, max_norm=1.0)
+      >>> params = {"w": jnp.zeros(2)}
+      >>> _, state = opt.update({"w": jnp.array([3.0, 4.0])}, opt.init(params), params)
+      >>> bool(state[0].clipped)                          # the norm 5 was clipped to 1
+      True
     """
     if clip_value is not None or adaptive is not None:
         if max_norm == 1.0:  # the default: the caller chose another rule

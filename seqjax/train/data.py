@@ -42,9 +42,15 @@ def data_parallel_mesh(*, devices: Sequence[jax.Device] | None = None) -> Mesh:
       ``Mesh(devices, ("data",))`` of shape ``(len(devices),)``: a batch ``(B, ...)`` placed
       with ``P("data")`` gives each device ``B / len(devices)`` examples.
 
-    Example::
+    Examples:
+      ``fit(..., mesh=data_parallel_mesh())`` trains data-parallel over every device (what
+      ``fit``'s default ``mesh="auto"`` does when there is more than one).
 
-        fit(loss_fn, opt, params, data, key=key, steps=100, mesh=data_parallel_mesh())
+      >>> import jax
+      >>> from seqjax.train import data_parallel_mesh
+      >>> mesh = data_parallel_mesh()
+      >>> mesh.axis_names, mesh.devices.shape == (len(jax.devices()),)
+      (('data',), True)
     """
     devs = np.asarray(jax.devices() if devices is None else list(devices))
     return Mesh(devs, ("data",))
@@ -125,7 +131,7 @@ class _Arrays:
         self.data = jax.tree_util.tree_map(np.asarray, data)
         self.n, self.batch_size, self.shuffle, self.key = n, int(batch_size), shuffle, key
         self.per_epoch = n // self.batch_size if drop_remainder else -(-n // self.batch_size)
-        self._perm = (None, None)
+        self._perm: tuple[int | None, np.ndarray | None] = (None, None)  # (epoch, its permutation)
 
     def _order(self, epoch):
         if not self.shuffle:

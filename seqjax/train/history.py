@@ -58,16 +58,16 @@ class History:
     ``append`` (store, write ``history_path``, progress bar, callbacks). It can also be used
     on its own around a hand-written loop of ``make_train_step``.
 
-    For an interval :math:`I` of steps (since the previous row) with metrics :math:`m_t` and
-    the set :math:`F \subseteq I` of finite steps (``finite`` metric), a row holds
+    For an interval $I$ of steps (since the previous row) with metrics $m_t$ and
+    the set $F \subseteq I$ of finite steps (``finite`` metric), a row holds
 
     * ``step``, ``epoch``: where the interval ends;
-    * ``loss``, ``grad_norm``: :math:`\frac{1}{|F|}\sum_{t \in F} m_t` (over all of
-      :math:`I` when no step was finite, or without a ``finite`` metric);
-    * every other metric (aux): :math:`\frac{1}{|I|}\sum_{t \in I} m_t`, in float64;
-    * ``clipped_frac``: the fraction of steps of :math:`I` that clipped (with a
+    * ``loss``, ``grad_norm``: $\frac{1}{|F|}\sum_{t \in F} m_t$ (over all of
+      $I$ when no step was finite, or without a ``finite`` metric);
+    * every other metric (aux): $\frac{1}{|I|}\sum_{t \in I} m_t$, in float64;
+    * ``clipped_frac``: the fraction of steps of $I$ that clipped (with a
       ``clipped`` metric);
-    * ``grad_norm_max``: :math:`\max_{t \in I}` ``grad_norm``;
+    * ``grad_norm_max``: $\max_{t \in I}$ ``grad_norm``;
     * ``skipped``: the total count of skipped steps so far (given);
     * ``steps_per_sec``: steps since the previous row over the seconds since it;
     * ``time``: seconds since ``start_time``.
@@ -80,15 +80,18 @@ class History:
       rows: rows already logged (a resumed run's), continued.
       start_time: a ``time.perf_counter()`` value ``time`` counts from (default: now).
 
-    Example::
+    Examples:
+      Around a hand-written loop (here with made-up metrics; a real loop adds those of
+      ``make_train_step``):
 
-        history = History(Logging(progress=False))
-        for t in range(1, 101):
-            state, metrics = step(state, next(batches))
-            history.add(metrics)
-            if t % 50 == 0:
-                history.append(history.row(step=t, epoch=0, skipped=int(state.skipped)), state)
-        history.rows[-1]["loss"]   # mean loss of steps 51..100
+      >>> from seqjax.train import History, Logging
+      >>> history = History(Logging(progress=False))
+      >>> for t in range(1, 5):
+      ...     history.add({"loss": float(t), "grad_norm": 1.0, "finite": t != 4})
+      ...     if t % 2 == 0:
+      ...         _ = history.append(history.row(step=t, epoch=0, skipped=0))
+      >>> [(row["step"], row["loss"]) for row in history.rows]  # step 4 was not finite
+      [(2, 1.5), (4, 3.0)]
     """
 
     def __init__(

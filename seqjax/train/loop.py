@@ -263,7 +263,8 @@ class _RunCheckpoints:
         return state, _Position(epoch, index, int(state.step)), rows
 
     def due(self, step: int) -> bool:
-        return bool(self.options.every) and step % self.options.every == 0
+        every = self.options.every
+        return every is not None and every > 0 and step % every == 0
 
     def save(self, state: TrainState, pos: _Position, rows: list[dict]) -> None:
         meta = {
@@ -286,7 +287,7 @@ def _nonfinite_error(
     ckpt_step = ckpts.last_step if ckpts is not None else None
     where = (
         f"; the last good checkpoint is step {ckpt_step} in {ckpts.options.directory}"
-        if ckpt_step is not None
+        if ckpts is not None and ckpt_step is not None
         else ""
     )
     return NonFiniteError(
@@ -334,9 +335,9 @@ def fit(
 ) -> FitResult:
     r"""Train ``params`` to minimise ``loss_fn`` with ``optimizer``: the compiled step in a loop.
 
-    Each step is ``make_train_step``'s: with :math:`\ell` = ``loss_fn``,
-    :math:`g = \nabla_\theta \ell(\theta, b)`, ``u, s' = optimizer.update(g, s, θ)``,
-    :math:`\theta \leftarrow \theta + u` (not applied when anything is non-finite).
+    Each step is ``make_train_step``'s: with $\ell$ = ``loss_fn``,
+    $g = \nabla_\theta \ell(\theta, b)$, ``u, s' = optimizer.update(g, s, θ)``,
+    $\theta \leftarrow \theta + u$ (not applied when anything is non-finite).
 
     Data (``train_data``; the same kinds, finite, for ``Evaluation.data``):
 
@@ -384,17 +385,21 @@ def fit(
         step donates a copy).
       train_data: see above.
       key: ``()`` PRNG key (required).
-      steps / epochs: how long (exactly one).
+      steps: how many steps (give exactly one of ``steps`` and ``epochs``).
+      epochs: how many passes over array data.
       batch_size: ``B`` for array data.
       shuffle: reshuffle array data each epoch (default ``True`` for arrays).
-      has_aux, with_key: see ``make_train_step``.
+      has_aux: ``loss_fn`` returns ``(loss, aux)`` (see ``make_train_step``).
+      with_key: ``loss_fn`` takes a PRNG key (see ``make_train_step``).
       steps_per_call: fuse this many steps in one compiled call (``lax.scan``); must divide
         ``steps`` (or the batches per epoch) and every ``*.every`` interval.
       mesh: ``"auto"``, ``None`` or a ``Mesh``.
       evaluation: an ``Evaluation``, or ``None``.
       checkpoints: a ``Checkpoints``, or ``None``.
       logging: a ``Logging`` (default ``Logging()``: a row every 50 steps).
-      on_nonfinite, max_skipped: non-finite policy.
+      on_nonfinite: ``"skip"`` (default) or ``"stop"``: the non-finite policy (see above).
+      max_skipped: with ``"skip"``, raise ``NonFiniteError`` once more steps than this were
+        skipped (``None``: never).
       **old: seqjax 0.1's flat keywords (``eval_data=``, ``log_every=``,
         ``checkpoint_dir=``, ...) are refused with a ``TypeError`` that spells out the
         option types to use instead.
@@ -407,11 +412,20 @@ def fit(
       ValueError: bad data or arguments (before any compute).
       NonFiniteError: see above.
 
-    Example::
-
-        result = fit(loss, clipped_adam(1e-2), params, lambda k: adding_problem(k, 64, 30),
-                     key=jax.random.key(0), steps=300, logging=Logging(every=100))
-        print(result.history[-1]["loss"])
+    Examples:
+      >>> import jax, seqjax
+      >>> from seqjax.tasks import adding_problem
+      >>> from seqjax.train import Logging, clipped_adam, fit
+      >>> model = seqjax.many_to_one(seqjax.rnn(4), seqjax.dense(1))
+      >>> params = model.init(jax.random.key(0), input_size=2)
+      >>> def loss(params, batch):
+      ...     xs, ys = batch
+      ...     return seqjax.mse(model.apply(params, xs), ys[:, None])
+      >>> data = adding_problem(0, n=16, length=10)            # arrays: (xs, ys)
+      >>> result = fit(loss, clipped_adam(1e-2), params, data, key=jax.random.key(1), steps=4,
+      ...              batch_size=8, logging=Logging(every=2, progress=False))
+      >>> [row["step"] for row in result.history], int(result.state.step)
+      ([2, 4], 4)
     """
     t_start = time.perf_counter()
     if old:
@@ -450,8 +464,9 @@ def fit(
     ckpts = (
         None if checkpoints is None else _RunCheckpoints(checkpoints, batch_size=batch_size, steps_per_call=k)
     )
-    pos, rows = _Position(0, 0, int(state.step)), []
-    if ckpts is not None and checkpoints.resume:
+    pos = _Position(0, 0, int(state.step))
+    rows: list[dict] = []
+    if ckpts is not None and ckpts.options.resume:
         restored = ckpts.restore(state)
         if restored is not None:
             state, pos, rows = restored

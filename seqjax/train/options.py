@@ -44,7 +44,7 @@ class Evaluation:
     r"""Periodic evaluation during ``fit``: ``Evaluation(data, every=None, batch_size=None)``.
 
     Each evaluation is ``evaluate(make_eval_step(loss_fn), params, batches of data)``: the
-    size-weighted mean :math:`\sum_j B_j M(b_j) / \sum_j B_j` of every metric (the loss
+    size-weighted mean $\sum_j B_j M(b_j) / \sum_j B_j$ of every metric (the loss
     and the aux), reported in the history as ``eval_<name>``.
 
     Attributes:
@@ -58,9 +58,15 @@ class Evaluation:
       batch_size: array data is read in batches of ``batch_size`` (the last one possibly
         smaller); default: all at once up to 4096 examples, else ``fit``'s ``batch_size``.
 
-    Example::
+    Examples:
+      Pass it as ``fit(..., evaluation=Evaluation((x_val, y_val), every=500, batch_size=1024))``.
 
-        fit(..., evaluation=Evaluation((x_val, y_val), every=500, batch_size=1024))
+      >>> import numpy as np
+      >>> from seqjax.train import Evaluation
+      >>> x_val, y_val = np.zeros((10, 5, 3), np.float32), np.zeros((10, 1), np.float32)
+      >>> evaluation = Evaluation((x_val, y_val), every=500, batch_size=4)
+      >>> evaluation.every, evaluation.batch_size
+      (500, 4)
     """
 
     data: Any
@@ -100,9 +106,13 @@ class Checkpoints:
       resume: continue from the latest checkpoint in ``directory`` if there is one; the
         result is bit-for-bit the uninterrupted run's.
 
-    Example::
+    Examples:
+      Pass it as ``fit(..., checkpoints=Checkpoints("runs/a/checkpoints", every=1000, resume=True))``.
 
-        fit(..., checkpoints=Checkpoints("runs/a/checkpoints", every=1000, resume=True))
+      >>> from seqjax.train import Checkpoints
+      >>> ckpt = Checkpoints("runs/a/checkpoints", every=1000, resume=True)   # nothing is written yet
+      >>> ckpt.every, ckpt.keep, ckpt.resume
+      (1000, 3, True)
     """
 
     directory: str | os.PathLike
@@ -132,9 +142,13 @@ class Logging:
       callbacks: functions ``cb(row, state) -> bool | None`` called after each row; one
         returning ``True`` stops training (a sequence; stored as a tuple).
 
-    Example::
+    Examples:
+      Pass it as ``fit(..., logging=Logging(every=100, history_path="runs/a/history.csv"))``.
 
-        fit(..., logging=Logging(every=100, history_path="runs/a/history.csv", progress=False))
+      >>> from seqjax.train import Logging
+      >>> logging = Logging(every=100, history_path="runs/a/history.csv", progress=False)
+      >>> logging.every, logging.callbacks
+      (100, ())
     """
 
     every: int = 50

@@ -61,9 +61,12 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, *, ke
     Returns:
       ``TrainState(params, opt_state, step=0, key, skipped=0)``.
 
-    Example::
-
-        state = init_train_state({"w": jnp.zeros((3, 2))}, optax.adam(1e-2), key=jax.random.key(0))
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from seqjax.train import init_train_state
+      >>> state = init_train_state({"w": jnp.zeros((3, 2))}, optax.adam(1e-2), key=jax.random.key(0))
+      >>> int(state.step), int(state.skipped), state.params["w"].shape
+      (0, 0, (3, 2))
     """
     return TrainState(
         params,

@@ -80,17 +80,17 @@ def make_train_step(
 
     One step, with ``k, k' = split(state.key)``:
 
-    .. math::
-
-        (L, \mathrm{aux}),\, g = \mathrm{value\_and\_grad}(\ell)(\theta, b, k'), \qquad
-        u, s' = \mathrm{optimizer.update}(g, s, \theta), \qquad \theta' = \theta + u.
+    $$
+    (L, \mathrm{aux}),\, g = \mathrm{value\_and\_grad}(\ell)(\theta, b, k'), \qquad
+    u, s' = \mathrm{optimizer.update}(g, s, \theta), \qquad \theta' = \theta + u.
+    $$
 
     It compiles once per batch shape (keep batch shapes fixed: ``fit`` drops the incomplete
     last batch) and donates the input state's buffers (``donate=False`` to keep them).
 
-    Metrics (``()`` float32/bool each): ``loss`` :math:`L`; ``grad_norm``
-    :math:`\|g\|_2 = (\sum_\ell \sum_i g_{\ell,i}^2)^{1/2}` over all leaves *before* any
-    clipping; ``finite`` (:math:`L`, :math:`g` and :math:`\theta'` all finite); ``clipped``
+    Metrics (``()`` float32/bool each): ``loss`` $L$; ``grad_norm``
+    $\|g\|_2 = (\sum_\ell \sum_i g_{\ell,i}^2)^{1/2}$ over all leaves *before* any
+    clipping; ``finite`` ($L$, $g$ and $\theta'$ all finite); ``clipped``
     when the optimizer contains a ``track_clipping`` stage; and ``loss_fn``'s aux.
 
     With ``skip_nonfinite`` (default) a non-finite step leaves params and optimizer state
@@ -108,7 +108,8 @@ def make_train_step(
       loss_fn: ``(params, batch) -> loss`` or ``(params, batch, key) -> loss`` (``with_key``),
         returning ``(loss, aux)`` with ``has_aux``; ``loss`` a float ``()``.
       optimizer: any ``optax.GradientTransformation``.
-      has_aux, with_key: see above.
+      has_aux: ``loss_fn`` returns ``(loss, aux)`` with ``aux`` a dict of ``()`` metrics.
+      with_key: ``loss_fn`` takes a third argument, a PRNG key.
       skip_nonfinite: skip (and count) non-finite updates.
       fused: run a stack of batches in one call.
       donate: donate the state argument.
@@ -117,10 +118,19 @@ def make_train_step(
     Returns:
       The jitted step ``(TrainState, batch) -> (TrainState, metrics)``.
 
-    Example::
-
-        step = make_train_step(loss_fn, clipped_adam(1e-2))
-        state, metrics = step(init_train_state(params, clipped_adam(1e-2), key=key), batch)
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> from seqjax.train import clipped_adam, init_train_state, make_train_step
+      >>> model = seqjax.many_to_one(seqjax.rnn(4), seqjax.dense(1))
+      >>> params = model.init(jax.random.key(0), input_size=3)
+      >>> batch = {"xs": jnp.ones((2, 5, 3)), "ys": jnp.zeros((2, 1))}
+      >>> def loss_fn(params, batch):
+      ...     return seqjax.mse(model.apply(params, batch["xs"]), batch["ys"])
+      >>> optimizer = clipped_adam(1e-2, max_norm=1.0)
+      >>> step = make_train_step(loss_fn, optimizer)
+      >>> state, metrics = step(init_train_state(params, optimizer, key=jax.random.key(1)), batch)
+      >>> sorted(metrics), int(state.step), bool(metrics["finite"])
+      (['clipped', 'finite', 'grad_norm', 'loss'], 1, True)
     """
 
     def one(state: TrainState, batch):
@@ -152,7 +162,7 @@ def make_train_step(
 
     fn = (lambda state, batches: jax.lax.scan(one, state, batches)) if fused else one
     rep, data = _shardings(mesh, fused)
-    kw = {"donate_argnums": (0,) if donate else ()}
+    kw: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if mesh is not None:
         kw.update(in_shardings=(rep, data), out_shardings=(rep, rep))
     return jax.jit(fn, **kw)
@@ -171,7 +181,9 @@ def make_eval_step(
     means deterministic (no dropout).
 
     Args:
-      loss_fn, has_aux, with_key: as in ``make_train_step``.
+      loss_fn: as in ``make_train_step``.
+      has_aux: as in ``make_train_step``.
+      with_key: as in ``make_train_step``.
       mesh: optional data-parallel mesh (batch ``(B, ...)`` sharded on ``"data"``; ``B`` must
         divide over it).
 
@@ -192,10 +204,12 @@ def make_eval_step(
 def evaluate(eval_step: Callable, params: Any, batches: Iterable) -> dict[str, float]:
     r"""Mean metrics over ``batches``, each batch weighted by its size.
 
-    For batches :math:`b_1, \dots, b_m` of sizes :math:`B_j` (leading axis of the first
-    leaf) and a per-batch metric :math:`M(b_j)` from ``eval_step``,
+    For batches $b_1, \dots, b_m$ of sizes $B_j$ (leading axis of the first
+    leaf) and a per-batch metric $M(b_j)$ from ``eval_step``,
 
-    .. math:: \bar M = \frac{\sum_j B_j\, M(b_j)}{\sum_j B_j},
+    $$
+    \bar M = \frac{\sum_j B_j\, M(b_j)}{\sum_j B_j},
+    $$
 
     accumulated in float64 on the host: exact for per-example means, whatever the batch
     sizes (a smaller last batch included). ``fit`` evaluates with this function.
@@ -211,10 +225,16 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable) -> dict[str, f
     Raises:
       ValueError: ``batches`` is empty.
 
-    Example::
-
-        ev = make_eval_step(loss_fn)
-        evaluate(ev, params, [(x[:20], y[:20]), (x[20:], y[20:])])["loss"]  # == loss_fn(params, (x, y))
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from seqjax.train import evaluate, make_eval_step
+      >>> def loss_fn(w, batch):
+      ...     x, y = batch
+      ...     return jnp.mean((w * x - y) ** 2)
+      >>> x, y = jnp.arange(5.0), jnp.ones(5)
+      >>> metrics = evaluate(make_eval_step(loss_fn), jnp.array(2.0), [(x[:3], y[:3]), (x[3:], y[3:])])
+      >>> round(metrics["loss"], 4), float(loss_fn(2.0, (x, y)))     # batches of 3 and 2: the full mean
+      (17.0, 17.0)
     """
     outs, sizes = [], []
     for b in batches:
