@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import pathlib
 
 import chex
 import jax
@@ -51,3 +52,12 @@ class TraceCounter:
 def random_like(tree, seed: int):
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(lambda a: rng.standard_normal(np.shape(a)), tree)
+
+
+SLOW_TIER_FILE = pathlib.Path(__file__).with_name("slow_tier.txt")
+
+
+def slow_tier() -> set[str]:
+    """Node ids listed in ``slow_tier.txt``: they run only with ``--runslow``."""
+    lines = SLOW_TIER_FILE.read_text().splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}

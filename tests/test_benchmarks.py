@@ -28,8 +28,11 @@ if ROOT not in sys.path:
 from benchmarks import common, peers, report, speed  # noqa: E402
 from benchmarks import tasks as btasks  # noqa: E402
 
+# the LSTM by default (the largest recurrence); every kind with --runslow
+_KINDS = [k if k == "lstm" else pytest.param(k, marks=pytest.mark.slow) for k in peers.KINDS]
 
-@pytest.mark.parametrize("kind", peers.KINDS)
+
+@pytest.mark.parametrize("kind", _KINDS)
 def test_textbook_scan_matches_unroll(kind):
     # The textbook scan is written from the equations, independently of seqjax.cells; it is
     # the speed suite's correctness reference, so check it (and the path the suite times,
@@ -52,7 +55,7 @@ def test_textbook_scan_matches_unroll(kind):
     assert common.tree_rel_err(g_sj, g_tb) < 1e-4
 
 
-@pytest.mark.parametrize("kind", peers.KINDS)
+@pytest.mark.parametrize("kind", _KINDS)
 def test_torch_module_carries_seqjax_weights(kind):
     torch = pytest.importorskip("torch")
     B, T, I, H = 2, 6, 3, 4
@@ -224,6 +227,7 @@ def test_cli_task_options_errors(capsys):
     assert "--jobs must be between 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_task_suite_only_and_checkpoint(monkeypatch):
     # The bookkeeping of a tasks run, with the training replaced by a stub that records the
     # job: --only picks the two tiny adding jobs, the checkpoint sees the first one done and
@@ -250,6 +254,7 @@ def test_task_suite_only_and_checkpoint(monkeypatch):
         btasks.run("tiny", jobs=0)
 
 
+@pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_failed_task_run_keeps_finished_rows(tmp_path, monkeypatch):
     # A job that raises fails the suite, but the file it writes still holds the rows of the
     # jobs that finished before it (nothing already saved is lost), beside the error.
@@ -403,6 +408,7 @@ def test_suite_end_to_end_tiny(tmp_path):
 # ---------------------------------------------------------------- task models (benchmarks/tasks.py)
 
 
+@pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_task_model_readout_scale_and_cells_by_name():
     # the readout is N(0, 0.1^2 / H): over 64 x 50 weights the sample std is within 10% of 0.1/8
     model = btasks.task_model(sj.rnn(64), 50)
@@ -415,6 +421,7 @@ def test_task_model_readout_scale_and_cells_by_name():
         btasks.make_cell("mgu", 4)
 
 
+@pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_compare_sunspot_models_tiny():
     pytest.importorskip("statsmodels")
     from seqjax.tasks import sunspots
@@ -435,6 +442,7 @@ def test_compare_sunspot_models_tiny():
     assert r["persistence"]["test_mse"] == pytest.approx(want)
 
 
+@pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_sample_text_uses_vocab_and_is_reproducible():
     from seqjax.tasks import char_corpus
 

@@ -58,7 +58,8 @@ def _grads(cell, p, xs, c0, base, w, **kw):
         c, ys = _unroll(cell, p, xs, base, carry=c0, **kw)
         return jnp.sum(ys * w) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree_util.tree_leaves(c))
 
-    return jax.value_and_grad(loss, argnums=(0, 1, 2))(p, xs, c0)
+    # jitted: one compile (eager value_and_grad through unroll compiles each op on its own)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(p, xs, c0)
 
 
 OPTIONS = {
@@ -82,13 +83,26 @@ OPTIONS = {
 # --------------------------------------------------------------------------- fused == autodiff
 
 
-# the default run covers every option in a few combinations; --runslow adds each one alone
-FAST_OPTIONS = ["plain", "mask", "resets_lengths_reverse", "truncate_reverse"]
+# The default run covers every cell under the combined options, and each other option on one
+# cell (the plain call of every cell: tests/test_contract.py's kernel[plain]); --runslow adds
+# every option alone on every cell.
+FAST_CASES = {
+    ("rnn", "resets_lengths_reverse"),
+    ("lstm", "resets_lengths_reverse"),
+    ("gru", "resets_lengths_reverse"),
+    ("rnn", "plain"),
+    ("lstm", "mask"),
+    ("gru", "truncate_reverse"),
+}
 
 
-@pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize(
-    "opt", [o if o in FAST_OPTIONS else pytest.param(o, marks=pytest.mark.slow) for o in OPTIONS]
+    "name,opt",
+    [
+        (n, o) if (n, o) in FAST_CASES else pytest.param(n, o, marks=pytest.mark.slow)
+        for o in OPTIONS
+        for n in ("rnn", "lstm", "gru")
+    ],
 )
 def test_fused_matches_autodiff_float64(name, opt, x64):
     """Float64: the custom VJP equals autodiff of the plain scan to rounding (~1e-15 relative),
@@ -106,12 +120,12 @@ def test_fused_matches_autodiff_float64(name, opt, x64):
 @pytest.mark.parametrize(
     "cell",
     [
-        sj.rnn(H, activation="relu"),
+        pytest.param(sj.rnn(H, activation="relu"), marks=pytest.mark.slow),  # leaky_relu's kink, slope 0
         sj.rnn(H, activation="leaky_relu", hidden_bias=True),
         sj.rnn(H, activation="identity"),
         sj.rnn(H, activation="sigmoid"),
-        sj.irnn(H),
-        sj.lstm(H, forget_bias=1.0),
+        pytest.param(sj.irnn(H), marks=pytest.mark.slow),  # relu with other init
+        pytest.param(sj.lstm(H, forget_bias=1.0), marks=pytest.mark.slow),  # a bias value
     ],
     ids=["relu", "leaky_relu", "identity", "sigmoid", "irnn", "lstm_fb"],
 )
@@ -124,7 +138,9 @@ def test_fused_other_variants_float64(cell, x64):
     assert _rel(gf, ga) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize(
+    "name", ["lstm", pytest.param("rnn", marks=pytest.mark.slow), pytest.param("gru", marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize(
     "opt",
     [
@@ -142,8 +158,8 @@ def test_fused_matches_autodiff_float32(name, opt):
     (_, ga), (_, gf) = (_grads(cell, p, xs, c0, m, w, **OPTIONS[opt]) for m in (Autodiff(), Fused()))
     assert _rel(gf, ga) < 1e-5
     # forward outputs of both paths agree
-    ca, ya = _unroll(cell, p, xs, Autodiff(), carry=c0, **OPTIONS[opt])
-    cf, yf = _unroll(cell, p, xs, Fused(), carry=c0, **OPTIONS[opt])
+    ca, ya = jax.jit(lambda p, xs, c0: _unroll(cell, p, xs, Autodiff(), carry=c0, **OPTIONS[opt]))(p, xs, c0)
+    cf, yf = jax.jit(lambda p, xs, c0: _unroll(cell, p, xs, Fused(), carry=c0, **OPTIONS[opt]))(p, xs, c0)
     assert _rel((cf, yf), (ca, ya)) < 1e-5
 
 
@@ -188,9 +204,10 @@ def test_fused_under_jit_and_vmap():
     g_jit = jax.jit(jax.grad(loss))(p, xs)
     assert _rel(g_jit, g_eager) < 1e-6
     # vmap over a leading axis of sequences equals a Python loop over them
-    per_seq = jax.vmap(jax.grad(loss), in_axes=(None, 0))(p, xs[:, None])
+    per_seq = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(p, xs[:, None])
+    grad_one = jax.jit(jax.grad(loss))  # one compile for the B single-sequence references
     for b in range(B):
-        g_b = jax.grad(loss)(p, xs[b : b + 1])
+        g_b = grad_one(p, xs[b : b + 1])
         assert _rel(jax.tree_util.tree_map(lambda a, b=b: a[b], per_seq), g_b) < 1e-5
 
 
@@ -274,10 +291,15 @@ def test_fused_bidirectional(x64):
         _, yb = sj.unroll(bwd_cell, pb["bwd"], xs, lengths=lens, reverse=True, gradient=Autodiff())
         return jnp.sum(jnp.tanh(jnp.concatenate([yf, yb], axis=-1)))
 
-    assert _rel(jax.grad(loss_bi, (0, 1))(pb, xs), jax.grad(loss_ref, (0, 1))(pb, xs)) < 1e-12
+    g_bi = jax.jit(jax.grad(loss_bi, (0, 1)))(pb, xs)
+    assert _rel(g_bi, jax.jit(jax.grad(loss_ref, (0, 1)))(pb, xs)) < 1e-12
 
 
 # --------------------------------------------------------------------------- truncated BPTT
+
+
+# every k and both bases with --runslow; by default each k once, each base twice
+_FAST_TRUNCATE = {(1, "auto"), (2, "autodiff"), (3, "auto"), (7, "autodiff")}
 
 
 def _linear_rnn(Hn=3, In=2, seed=0):
@@ -286,8 +308,16 @@ def _linear_rnn(Hn=3, In=2, seed=0):
     return cell, p
 
 
-@pytest.mark.parametrize("base", [Auto(), Autodiff()], ids=["auto", "autodiff"])
-@pytest.mark.parametrize("k", [1, 2, 3, 7])
+@pytest.mark.parametrize(
+    "k,base",
+    [
+        pytest.param(
+            k, base, id=f"{k}-{name}", marks=() if (k, name) in _FAST_TRUNCATE else (pytest.mark.slow,)
+        )
+        for k in (1, 2, 3, 7)
+        for base, name in ((Auto(), "auto"), (Autodiff(), "autodiff"))
+    ],
+)
 def test_truncate_linear_rnn_hand_computation(base, k, x64):
     """Linear RNN h_t = h_{t-1} W + x_t U + b, loss sum_t <w_t, h_t>. The truncated error
     term restarts at every chunk boundary: delta_t = w_t + [t+1 inside the chunk] delta_{t+1} W^T,
@@ -300,7 +330,7 @@ def test_truncate_linear_rnn_hand_computation(base, k, x64):
     def loss(p):
         return jnp.sum(sj.unroll(cell, p, xs, gradient=Truncate(k, base=base))[1] * w)
 
-    g = jax.grad(loss)(p)
+    g = jax.jit(jax.grad(loss))(p)
     W, U, b = (np.asarray(p[n]) for n in ("w_h", "w_x", "b"))
     hs = [np.zeros((2, 3))]
     for t in range(Tn):
@@ -317,12 +347,11 @@ def test_truncate_linear_rnn_hand_computation(base, k, x64):
     np.testing.assert_allclose(g["w_x"], dU, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(g["b"], db, rtol=1e-12, atol=1e-12)
     if k < Tn:  # truncation really changed something
-        g_full = jax.grad(lambda p: jnp.sum(sj.unroll(cell, p, xs)[1] * w))(p)
+        g_full = jax.jit(jax.grad(lambda p: jnp.sum(sj.unroll(cell, p, xs)[1] * w)))(p)
         assert not np.allclose(g_full["w_h"], dW)
     # forward values are unchanged by truncation
-    np.testing.assert_allclose(
-        sj.unroll(cell, p, xs, gradient=Truncate(k))[1], np.stack(hs[1:], 1), rtol=1e-12
-    )
+    ys = jax.jit(lambda p: sj.unroll(cell, p, xs, gradient=Truncate(k))[1])(p)
+    np.testing.assert_allclose(ys, np.stack(hs[1:], 1), rtol=1e-12)
 
 
 def test_chunk_stream_shapes_and_errors():
@@ -351,24 +380,25 @@ def test_tbptt_matches_python_loop(name, x64):
     def loss_fn(ys, t):
         return jnp.sum((ys - t) ** 2)
 
-    losses, grads, final = tbptt(cell, p, xs, loss_fn, chunk=4, targets=tg)
+    losses, grads, final = jax.jit(lambda p: tbptt(cell, p, xs, loss_fn, chunk=4, targets=tg))(p)
     c = cell.initial_carry(p, (2,))
     g_ref = jax.tree_util.tree_map(jnp.zeros_like, p)
     ref_losses = []
+
+    def chunk_loss(p, c, x, t):
+        c_new, ys = sj.unroll(cell, p, x, carry=jax.lax.stop_gradient(c), gradient=Autodiff())
+        return loss_fn(ys, t), c_new
+
+    chunk_grad = jax.jit(jax.value_and_grad(chunk_loss, has_aux=True))  # one compile, three chunks
     for n in range(3):
         sl = slice(4 * n, 4 * n + 4)
-
-        def chunk_loss(p, c):
-            c_new, ys = sj.unroll(cell, p, xs[:, sl], carry=jax.lax.stop_gradient(c), gradient=Autodiff())
-            return loss_fn(ys, tg[:, sl]), c_new
-
-        (l_n, c), g_n = jax.value_and_grad(chunk_loss, has_aux=True)(p, c)
+        (l_n, c), g_n = chunk_grad(p, c, xs[:, sl], tg[:, sl])
         ref_losses.append(l_n)
         g_ref = jax.tree_util.tree_map(jnp.add, g_ref, g_n)
     np.testing.assert_allclose(losses, np.array(ref_losses), rtol=1e-12)
     assert _rel(grads, g_ref) < 1e-12
     assert _rel(final, c) < 1e-12
-    g_trunc = jax.grad(lambda p: loss_fn(sj.unroll(cell, p, xs, gradient=Truncate(4))[1], tg))(p)
+    g_trunc = jax.jit(jax.grad(lambda p: loss_fn(sj.unroll(cell, p, xs, gradient=Truncate(4))[1], tg)))(p)
     assert _rel(grads, g_trunc) < 1e-12
 
 
@@ -389,12 +419,14 @@ def test_tbptt_with_update_runs_sgd_per_chunk(x64):
     assert int(steps) == 2
     # reference: two explicit chunk updates
     c, q = cell.initial_carry(p, (2,)), p
+    chunk_grad = jax.jit(
+        jax.value_and_grad(
+            lambda q, c, x: (lambda r: (loss_fn(r[1]), r[0]))(sj.unroll(cell, q, x, carry=c)), has_aux=True
+        )
+    )
     for n in range(2):
         sl = slice(4 * n, 4 * n + 4)
-        (_, c), g = jax.value_and_grad(
-            lambda q, c: (lambda r: (loss_fn(r[1]), r[0]))(sj.unroll(cell, q, xs[:, sl], carry=c)),
-            has_aux=True,
-        )(q, jax.lax.stop_gradient(c))
+        (_, c), g = chunk_grad(q, jax.lax.stop_gradient(c), xs[:, sl])
         q = sgd(q, g, 0)[0]
     assert _rel(p_new, q) < 1e-12
 
@@ -402,7 +434,16 @@ def test_tbptt_with_update_runs_sgd_per_chunk(x64):
 # --------------------------------------------------------------------------- remat
 
 
-@pytest.mark.parametrize("remat", [Remat(), Remat(3), Remat(7), Remat(10)], ids=["step", "3", "7", "10"])
+@pytest.mark.parametrize(
+    "remat",
+    [
+        Remat(),
+        Remat(3),
+        pytest.param(Remat(7), marks=pytest.mark.slow),
+        pytest.param(Remat(10), marks=pytest.mark.slow),
+    ],
+    ids=["step", "3", "7", "10"],
+)
 def test_remat_gradients_identical(remat, x64):
     """Checkpointed gradients equal plain ones (k = 3 does not divide T = 7: padded segments)."""
     cell = sj.lstm(H)
@@ -414,8 +455,8 @@ def test_remat_gradients_identical(remat, x64):
     assert abs(float(va - vr)) < 1e-12
     assert _rel(gr, ga) < 1e-12
     # trajectories and time-major layout survive the segment reshapes
-    tr_a = sj.trajectory(cell, p, xs, gradient=Autodiff())
-    tr_r = sj.trajectory(cell, p, xs, gradient=remat)
+    tr_a = jax.jit(lambda p, xs: sj.trajectory(cell, p, xs, gradient=Autodiff()))(p, xs)
+    tr_r = jax.jit(lambda p, xs: sj.trajectory(cell, p, xs, gradient=remat))(p, xs)
     assert _rel((tr_r.ys, tr_r.carries), (tr_a.ys, tr_a.carries)) < 1e-12
 
 
@@ -457,7 +498,7 @@ def test_gradient_norms_linear_rnn_closed_form(x64):
     xs = jax.random.normal(jax.random.key(1), (2, Tn, 2), jnp.float64)
     w = np.asarray(jax.random.normal(jax.random.key(2), (2, Tn, 4), jnp.float64))
     W = np.asarray(p["w_h"])
-    gn = gradient_norms(cell, p, xs, lambda ys: jnp.sum(ys * w))
+    gn = jax.jit(lambda p, xs: gradient_norms(cell, p, xs, lambda ys: jnp.sum(ys * w)))(p, xs)
     assert isinstance(gn, GradientNorms) and gn.norms.shape == (2, Tn)
     ref = np.zeros((2, Tn))
     d = np.zeros((2, 4))
@@ -468,7 +509,9 @@ def test_gradient_norms_linear_rnn_closed_form(x64):
     np.testing.assert_allclose(gn.leaf_norms, ref, rtol=1e-12)  # one leaf: h
 
     g = w[:, -1]
-    gl = gradient_norms(cell, p, xs, lambda ys: jnp.sum(ys[:, -1] * g), by_lag=True)
+    gl = jax.jit(lambda p, xs: gradient_norms(cell, p, xs, lambda ys: jnp.sum(ys[:, -1] * g), by_lag=True))(
+        p, xs
+    )
     ref_lag = np.stack(
         [np.linalg.norm(g @ np.linalg.matrix_power(W.T, k), axis=-1) for k in range(Tn)], axis=-1
     )
@@ -532,10 +575,12 @@ def test_fused_grad_of_grad_and_forward_mode(x64):
     def gnorm(p, mode):
         return sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(jax.grad(loss)(p, mode)))
 
-    assert _rel(jax.grad(gnorm)(p, Fused()), jax.grad(gnorm)(p, Autodiff())) < 1e-10
+    hess_f = jax.jit(jax.grad(lambda p: gnorm(p, Fused())))(p)
+    assert _rel(hess_f, jax.jit(jax.grad(lambda p: gnorm(p, Autodiff())))(p)) < 1e-10
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(lambda p: loss(p, Fused()), (p,), (p,))
-    jax.jvp(lambda p: loss(p, Autodiff()), (p,), (p,))
+    _, tangent = jax.jit(lambda p: jax.jvp(lambda p: loss(p, Autodiff()), (p,), (p,)))(p)
+    assert np.isfinite(float(tangent))
 
 
 def test_fused_learnable_carry(x64):
@@ -548,7 +593,8 @@ def test_fused_learnable_carry(x64):
     def loss(p, mode):
         return jnp.sum(jnp.sin(sj.unroll(cell, p, xs, gradient=mode, lengths=jnp.array([5, 2]))[1]))
 
-    ga, gf = jax.grad(loss)(p, Autodiff()), jax.grad(loss)(p, Fused())
+    ga = jax.jit(jax.grad(lambda p: loss(p, Autodiff())))(p)
+    gf = jax.jit(jax.grad(lambda p: loss(p, Fused())))(p)
     assert float(jnp.max(jnp.abs(ga["carry0"]))) > 0
     assert _rel(gf, ga) < 1e-12
 
@@ -564,9 +610,12 @@ def test_gradient_norms_takes_autodiff_strategies():
     def loss(ys):
         return jnp.sum(ys[:, -1] ** 2)
 
-    base = gradient_norms(cell, p, xs, loss).norms
-    np.testing.assert_allclose(gradient_norms(cell, p, xs, loss, gradient=Remat(2)).norms, base, rtol=1e-6)
-    cut = gradient_norms(cell, p, xs, loss, gradient=Truncate(2, base=Autodiff())).norms
+    def norms(**kw):
+        return jax.jit(lambda p, xs: gradient_norms(cell, p, xs, loss, **kw).norms)(p, xs)
+
+    base = norms()
+    np.testing.assert_allclose(norms(gradient=Remat(2)), base, rtol=1e-6)
+    cut = norms(gradient=Truncate(2, base=Autodiff()))
     np.testing.assert_allclose(cut[:, 4:], base[:, 4:], rtol=1e-6)
     assert np.all(cut[:, :4] == 0) and np.all(base[:, :4] > 0)
     with pytest.raises(ValueError, match="never a fused kernel"):

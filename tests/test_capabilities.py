@@ -321,7 +321,9 @@ def _diagonals(cell, params, xs, c0, states):
     return D, jnp.diagonal(J, axis1=-2, axis2=-1)
 
 
-@pytest.mark.parametrize("make", [lambda: sj.gru(4), lambda: sj.lstm(3)], ids=["gru", "lstm"])
+@pytest.mark.parametrize(
+    "make", [pytest.param(lambda: sj.gru(4), marks=pytest.mark.slow), lambda: sj.lstm(3)], ids=["gru", "lstm"]
+)
 def test_quasi_deer_with_jacobian_diagonal_reaches_sequential_trajectory(make, x64):
     cell = make()
     params = _params(cell, 2, 11)
@@ -660,7 +662,7 @@ def _dtype_cases(fast):
     return cases
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru"])
+@pytest.mark.parametrize("name", ["lstm", pytest.param("gru", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("pdt,xdt", _dtype_cases(fast=("p32-x64", "p64-x32")))
 def test_dtype_rule_unroll_and_grads(name, pdt, xdt, x64):
     cell = sj.lstm(3) if name == "lstm" else sj.gru(3)

@@ -24,6 +24,11 @@ def _f64(params):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
 
 
+def _unroll(cell, params, xs, **kw):
+    """``sj.unroll`` under ``jax.jit``: one compile (eagerly, the ops around the scan compile one by one)."""
+    return jax.jit(lambda p, x, kw: sj.unroll(cell, p, x, **kw))(params, xs, kw)
+
+
 def _random_params(params, seed=1, scale=0.7):
     """Replace every leaf by N(0, scale^2) entries so no weight is special (e.g. zero biases)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -40,7 +45,7 @@ def test_rnn_matches_numpy(x64, activation, hidden_bias):
     params = _random_params(cell.init(jax.random.key(0), I))
     xs = _xs()
     h0 = 0.5 * jax.random.normal(jax.random.key(2), (B, H), jnp.float64)
-    hT, ys = sj.unroll(cell, params, xs, carry=h0)
+    hT, ys = _unroll(cell, params, xs, carry=h0)
     hT_ref, ys_ref = ref.run_h(
         ref.rnn_step, ref.np_params(params), np.asarray(xs), np.asarray(h0), activation=activation
     )
@@ -52,7 +57,7 @@ def test_rnn_callable_activation(x64):
     cell = sj.rnn(H, activation=jnp.sin)
     params = _random_params(cell.init(jax.random.key(0), I))
     xs = _xs()
-    _, ys = sj.unroll(cell, params, xs)
+    _, ys = _unroll(cell, params, xs)
     p = ref.np_params(params)
     h = np.zeros((B, H))
     for t in range(T):
@@ -71,7 +76,7 @@ def test_lstm_matches_numpy(x64, proj_size, hidden_bias):
         0.5 * jax.random.normal(jax.random.key(3), (B, P), jnp.float64),
         0.5 * jax.random.normal(jax.random.key(4), (B, H), jnp.float64),
     )
-    final, ys = sj.unroll(cell, params, xs, carry=carry0)
+    final, ys = _unroll(cell, params, xs, carry=carry0)
     p = ref.np_params(params)
     h, c = np.asarray(carry0.h), np.asarray(carry0.c)
     for t in range(T):
@@ -103,7 +108,7 @@ def test_gated_cells_match_numpy(x64, name, make, step):
     params = _random_params(cell.init(jax.random.key(0), I))
     xs = _xs()
     h0 = 0.5 * jax.random.normal(jax.random.key(2), (B, H), jnp.float64)
-    hT, ys = sj.unroll(cell, params, xs, carry=h0)
+    hT, ys = _unroll(cell, params, xs, carry=h0)
     hT_ref, ys_ref = ref.run_h(step, ref.np_params(params), np.asarray(xs), np.asarray(h0))
     np.testing.assert_allclose(ys, ys_ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(hT, hT_ref, rtol=RTOL, atol=ATOL)
@@ -114,7 +119,7 @@ def test_tdnn_matches_numpy(x64, K):
     cell = sj.tdnn(H, K)
     params = _random_params(cell.init(jax.random.key(0), I))
     xs = _xs()
-    window, ys = sj.unroll(cell, params, xs)
+    window, ys = _unroll(cell, params, xs)
     np.testing.assert_allclose(
         ys, ref.tdnn_run(ref.np_params(params), np.asarray(xs), K), rtol=RTOL, atol=ATOL
     )
@@ -130,7 +135,7 @@ def test_narx_matches_numpy(x64, K, L):
     cell = sj.narx(O, K, output_window=L)
     params = _random_params(cell.init(jax.random.key(0), I))
     xs = _xs()
-    final, ys = sj.unroll(cell, params, xs)
+    final, ys = _unroll(cell, params, xs)
     ys_ref = ref.narx_run(ref.np_params(params), np.asarray(xs), K, L)
     np.testing.assert_allclose(ys, ys_ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(final.y, ys_ref[:, T - L :, :], rtol=RTOL, atol=ATOL)

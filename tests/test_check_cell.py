@@ -48,11 +48,11 @@ BUILTINS = {
     "wrap_lstm_inputs": lambda: sj.cells.wrap(sj.lstm(H), inputs=_double),
 }
 
-# A full check_cell on a cell with a fused kernel compiles a few float64 programs (3-7 s on
-# two cores). The default run checks the LSTM (every capability, fused kernel) and the cells
-# without a kernel (1-3 s: hand-written Jacobian, fallbacks only, windows); every cell with
-# --runslow.
-_FAST = ("lstm", "mgu", "lstm_proj", "tdnn", "narx")
+# A full check_cell compiles a few float64 programs (3-15 s on two cores). The default run
+# checks the LSTM (every capability, its fused kernel under every option); every cell with
+# --runslow. (tests/test_contract.py runs the step checks, the finite-difference gradients
+# and the kernel's plain call of every built-in cell in the default run.)
+_FAST = ("lstm",)
 
 
 def _expected_checks(cell):
@@ -176,6 +176,7 @@ def leaky_cell():
     )
 
 
+@pytest.mark.slow  # a Python-loop kernel under every option (5-16 s); the step-only user cell runs by default
 def test_user_cell_with_every_capability_passes():
     cell = leaky_cell()
     report = check_cell(cell)
@@ -223,7 +224,7 @@ def test_catches_transposed_jacobian():
 
     bad = gru._replace(jacobian=transposed)
     assert bad.kernel is gru.kernel  # replacing a capability keeps the others
-    err = _raises(bad)
+    err = _raises(bad, checks=("jacobian",))  # the check it breaks (a full run stops there too)
     assert (err.check, err.capability) == ("jacobian", "jacobian")
     assert "jax.jacfwd" in str(err)
 
@@ -236,7 +237,7 @@ def test_catches_kernel_that_ignores_the_mask():
 
     bad = lstm._replace(kernel=Kernel(run_without_mask, lstm.kernel.accepts))
     assert "mask" in bad.kernel.accepts
-    err = _raises(bad)
+    err = _raises(bad, checks=("kernel",), options=("mask",))  # kernel[plain] passes, kernel[mask] fails
     assert (err.check, err.capability) == ("kernel[mask]", "kernel")
     assert "gradient=Fused() vs gradient=Autodiff()" in str(err)
 
@@ -253,7 +254,7 @@ def test_catches_stale_kernel_after_the_step_changes():
     assert replaced.input_size is lstm.input_size  # not a step capability
     # built by hand, the old kernel goes stale: check_cell finds it
     stale = sj.Cell(lstm.init, lstm.initial_carry, new_step, kernel=lstm.kernel)
-    err = _raises(stale)
+    err = _raises(stale, checks=("kernel",), options=())
     assert (err.check, err.capability) == ("kernel[plain]", "kernel")
 
 

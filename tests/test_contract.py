@@ -78,14 +78,19 @@ CELLS = {
 
 STEP_CHECKS = ("loop", "carry", "jit", "vmap")
 
+# variants of a cell the default run already checks (another activation, init, a projection):
+# with --runslow only
+_SLOW = {"rnn_relu", "irnn", "lstm_proj"}
+_NAMES = [n if n not in _SLOW else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CELLS)]
 
-@pytest.mark.parametrize("name", sorted(CELLS))
+
+@pytest.mark.parametrize("name", _NAMES)
 def test_step_contract(name):
     report = check_cell(CELLS[name](), batch=B, steps=T, input_size=I, checks=STEP_CHECKS)
     assert report.passed == STEP_CHECKS
 
 
-@pytest.mark.parametrize("name", sorted(CELLS))
+@pytest.mark.parametrize("name", _NAMES)
 def test_gradients(name):
     cell = CELLS[name]()
     # options=(): the kernel on the default path only (every option: tests/test_check_cell.py)

@@ -25,6 +25,7 @@ def _model(cell, key=0):
     return model, params, xs, ys
 
 
+@pytest.mark.slow  # 4-6 s; the default run keeps the autodiff and forget-gate oracles of diagnose
 def test_diagnose_without_targets_matches_the_spectrum_functions():
     cell = sj.rnn(3)
     _, params, xs, _ = _model(cell)

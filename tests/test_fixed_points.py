@@ -78,6 +78,7 @@ def test_slow_point_reported_as_slow(x64):
     assert len(none) == 0 and none.num_rejected == 8
 
 
+@pytest.mark.slow  # a trained network, many Newton solves; the default run keeps the closed-form cases
 def test_flipflop_has_8_stable_fixed_points():
     d = np.load(FIXTURE)
     H = d["w_h"].shape[0]

@@ -16,7 +16,9 @@ from golden import case_names, compute_all
 from helpers import x64_enabled
 
 DATA = pathlib.Path(__file__).parent / "data" / "golden_0_1.npz"
-FAST = {"rnn_tanh", "lstm", "gru", "stack_lstm_gru", "learnable_lstm", "bidirectional_lstm"}
+# Every case runs with --runslow (.ci/run): each takes seconds (every unroll option of the
+# case, in float64). The cells' independent oracles run in the default suite
+# (tests/test_cells_reference.py, tests/test_contract.py, tests/test_layers.py).
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +27,8 @@ def golden():
         return dict(f)
 
 
-@pytest.mark.parametrize(
-    "case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in case_names()]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("case", case_names())
 def test_golden_0_1(golden, case):
     with x64_enabled():
         got = compute_all(only=case)

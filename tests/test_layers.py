@@ -344,6 +344,7 @@ def test_as_layer_of_a_layer_refuses_options():
         as_layer(layer, bogus=1)
 
 
+@pytest.mark.slow  # check_cell with every kernel option (6-14 s); the keyed-mask test runs by default
 def test_dropout_stack_keeps_every_capability_exact():
     """``check_cell`` on ``stack(..., dropout=)``: the kernel (every option) against autodiff,
     the diagonal against ``jax.jacfwd``, output and gates against the step. Not ``vmap``: the

@@ -523,9 +523,11 @@ def test_top_singular_and_eigenvalues_matrix_free(x64):
     c = 0.3 * jax.random.normal(jax.random.key(1), (H,), jnp.float64)
     x = jnp.asarray([0.2, -0.1], jnp.float64)
     J = np.asarray(step_jacobian(cell, p, c, x))
-    sv = top_singular_values(cell, p, c, x, k=3, iters=300)
+    # jitted: one compile each (eagerly, every op of the iteration compiles on its own)
+    sv = jax.jit(lambda p, c, x: top_singular_values(cell, p, c, x, k=3, iters=300))(p, c, x)
     np.testing.assert_allclose(sv, np.linalg.svd(J, compute_uv=False)[:3], rtol=1e-6)
-    ev = top_eigenvalues(cell, p, c, x, k=3, krylov_dim=H)  # full Krylov space: exact
+    # full Krylov space: exact
+    ev = jax.jit(lambda p, c, x: top_eigenvalues(cell, p, c, x, k=3, krylov_dim=H))(p, c, x)
     ref = np.linalg.eigvals(J)
     ref = ref[np.argsort(-np.abs(ref))]
     np.testing.assert_allclose(np.abs(ev), np.abs(ref[:3]), rtol=1e-8)

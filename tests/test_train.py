@@ -204,6 +204,7 @@ def test_eval_step_and_key_none_for_eval():
 # --------------------------------------------------------------------------- fit
 
 
+@pytest.mark.slow  # 400 training steps (10-17 s); the default run checks the step against optax loops
 def test_lstm_learns_adding_problem_below_baseline():
     T, H = 10, 16
     cell = sj.lstm(H, forget_bias=1.0)

@@ -182,7 +182,8 @@ def test_learnable_initial_carry_gets_gradients():
     def loss(p):
         return jnp.sum(sj.unroll(cell, p, xs)[1] ** 2)
 
-    g = jax.grad(loss)(params)
+    g = jax.jit(jax.grad(loss))(params)
+    loss = jax.jit(loss)  # one compile for the finite differences below
     # finite-difference check of the gradient wrt carry0.c[0]
     eps = 1e-3
     bump = lambda s: jax.tree_util.tree_map(
@@ -308,7 +309,7 @@ def test_dropout_input_rate_keeps_the_kernel(run_dropout, x64):
             c, ys = run_dropout(cell, p, xs, key, input_rate=0.4, gradient=gradient)
             return jnp.sum(ys * w) + jnp.sum(jnp.sin(c)), (c, ys)
 
-        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, xs)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, xs)
 
     (_, out_f), g_f = grads(Fused())
     (_, out_a), g_a = grads(Autodiff())
@@ -418,9 +419,10 @@ def test_dropout_of_a_stack_drops_h_not_c_layer_by_layer():
     carry = tuple(c._replace(c=jnp.full(c.c.shape, 0.7)) for c in carry)
     x = jax.random.normal(jax.random.key(1), (5, 4))
     dropped = sj.cells.dropout(cell, recurrent_rate=0.5, key=jax.random.key(2))
-    np.testing.assert_allclose(dropped.step(params, carry, x)[1], cell.step(params, carry, x)[1], rtol=1e-6)
+    step_d, step = jax.jit(dropped.step), jax.jit(cell.step)  # one compile each, two calls
+    np.testing.assert_allclose(step_d(params, carry, x)[1], step(params, carry, x)[1], rtol=1e-6)
     carry_h = tuple(c._replace(h=jnp.ones(c.h.shape)) for c in carry)
-    assert not np.allclose(dropped.step(params, carry_h, x)[1], cell.step(params, carry_h, x)[1])
+    assert not np.allclose(step_d(params, carry_h, x)[1], step(params, carry_h, x)[1])
 
 
 def test_dropout_keys_are_checked_when_built():
