@@ -37,21 +37,21 @@ Fixed and slow points of the autonomous map ``s -> F(s, x)`` and their linearisa
 
 Modules (every public name is re-exported here; import from ``seqjax.spectrum``):
 
-  ``state``         the state vector: ``flatten_state``, ``unflatten_state``, ``state_size``,
-                    and the flattened step ``F(s, x)``
-  ``jacobians``     step and input Jacobians along a trajectory: ``step_jacobian``,
-                    ``input_jacobian``, ``step_jacobians``, ``StepJacobians``
-  ``linalg``        eigen/singular spectra of matrices (host fallback on TPU): ``eigvals``,
-                    ``eig``, ``step_spectra``, ``spectral_radii``
-  ``products``      stable products of Jacobians: ``lag_log_norms``,
-                    ``product_singular_values``, ``product_eigenvalues``
-  ``lyapunov``      Lyapunov exponents (QR method): ``lyapunov_spectrum``,
-                    ``lyapunov_from_jacobians``, ``LyapunovSpectrum``
-  ``matrix_free``   spectra of one Jacobian from JVPs: ``top_singular_values``,
-                    ``top_eigenvalues``
-  ``report``        ``gradient_flow_report``, ``GradientFlowReport``
-  ``fixed_points``  fixed and slow points: ``find_fixed_points``, ``FixedPoints``,
-                    ``sample_states``, ``speed``, ``linearize``
+- ``state``: the state vector: ``flatten_state``, ``unflatten_state``, ``state_size``, and
+  the flattened step ``F(s, x)``;
+- ``jacobians``: step and input Jacobians along a trajectory: ``step_jacobian``,
+  ``input_jacobian``, ``step_jacobians``, ``StepJacobians``;
+- ``linalg``: eigen/singular spectra of matrices (host fallback on TPU): ``eigvals``,
+  ``eig``, ``step_spectra``, ``spectral_radii``;
+- ``products``: stable products of Jacobians: ``lag_log_norms``,
+  ``product_singular_values``, ``product_eigenvalues``;
+- ``lyapunov``: Lyapunov exponents (QR method): ``lyapunov_spectrum``,
+  ``lyapunov_from_jacobians``, ``LyapunovSpectrum``;
+- ``matrix_free``: spectra of one Jacobian from JVPs: ``top_singular_values``,
+  ``top_eigenvalues``;
+- ``report``: ``gradient_flow_report``, ``GradientFlowReport``;
+- ``fixed_points``: fixed and slow points: ``find_fixed_points``, ``FixedPoints``,
+  ``sample_states``, ``speed``, ``linearize``.
 
 Imports point one way: ``state`` <- ``jacobians`` <- ``linalg``/``products`` <-
 ``lyapunov``/``matrix_free`` <- ``report``/``fixed_points``.
