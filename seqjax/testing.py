@@ -39,6 +39,7 @@ CHECKS = (
     "input_size",
     "output",
     "gates",
+    "recurrent_blocks",
     "jacobian",
     "jacobian_diagonal",
     "jacobian_bound",
@@ -70,6 +71,9 @@ _HINTS = {
     "input_size": "cell.input_size(params) must be the number of input features the params were made for.",
     "output": "cell.output(params, new_carry, x_t) must equal the y_t that cell.step returns with new_carry.",
     "gates": "cell.gates(params, carry, x_t) must return a dict of arrays with the batch dims of x_t.",
+    "recurrent_blocks": "cell.recurrent_blocks(params) must return a dict of gate name -> finite (R, H) "
+    "matrix; where the cell also has gates, each name must be a gate (a stack's 'layer_0.i' for "
+    "gates['layer_0']['i']) with H units.",
     "jacobian": "cell.jacobian(params, carry, x_t)[i, j] must be d s_t[i] / d s_{t-1}[j] at one unbatched "
     "carry, s the carry flattened by seqjax.spectrum.flatten_state (a transposed Jacobian fails here).",
     "jacobian_diagonal": "cell.jacobian_diagonal(params, carry, x_t) must be the diagonal of "
@@ -517,6 +521,39 @@ def _check_gates(chk, cell, params, carry, x):
     chk.record("gates")
 
 
+def _check_recurrent_blocks(chk, cell, params, carry, x):
+    """Structure only: no generic fallback computes a gate's recurrent matrix, so the
+    numbers are the cell's tests' to check (``tests/test_gate_spectra.py`` for the built-ins)."""
+    blocks = cell.recurrent_blocks(params)
+    if not isinstance(blocks, Mapping) or not blocks:
+        chk.fail(
+            "recurrent_blocks", f"cell.recurrent_blocks returned {type(blocks).__name__} {blocks!r:.80}."
+        )
+    widths = None
+    if cell.gates is not None:
+        g = jax.eval_shape(cell.gates, params, carry, x)
+        widths = {
+            ".".join(str(getattr(k, "key", k)) for k in path): a.shape[-1]
+            for path, a in jax.tree_util.tree_flatten_with_path(g)[0]
+        }
+    for name, w in blocks.items():
+        if not isinstance(name, str) or np.ndim(w) != 2 or not is_floating(w):
+            chk.fail(
+                "recurrent_blocks",
+                f"recurrent_blocks[{name!r}] is {type(w).__name__} {getattr(w, 'shape', '')}; needs a str "
+                "name and a floating (R, H) matrix.",
+            )
+        if not bool(jnp.all(jnp.isfinite(w))):
+            chk.fail("recurrent_blocks", f"recurrent_blocks[{name!r}] holds non-finite values.")
+        if widths is not None and widths.get(name) != np.shape(w)[1]:
+            chk.fail(
+                "recurrent_blocks",
+                f"recurrent_blocks[{name!r}] has shape {np.shape(w)} but the gates' widths are "
+                f"{widths}: a block must name a gate and have its number of units.",
+            )
+    chk.record("recurrent_blocks")
+
+
 def _check_jacobians(chk, cell, params, rng, input_size, state_scale, tol, selected):
     """``jacobian``, ``jacobian_diagonal`` and ``jacobian_bound`` at random unbatched states."""
     like = cell.initial_carry(params, ())
@@ -724,6 +761,10 @@ def check_cell(
       ``carry_t, y_t = cell.step(params, carry_{t-1}, x_t)`` returns.
     * ``gates``: ``cell.gates(params, carry, x_t)`` returns a dict of finite arrays with
       leading batch dim ``B``.
+    * ``recurrent_blocks``: ``cell.recurrent_blocks(params)`` returns a non-empty dict of
+      finite floating ``(R, H)`` matrices; with ``gates`` too, each name is a gate (the path
+      of nested dicts joined by ``"."``) whose activations have ``H`` units. Structure only:
+      no generic fallback computes the blocks.
     * ``jacobian``: ``cell.jacobian(params, c, x)`` equals ``jax.jacfwd`` of
       ``s -> flatten_state(step(params, unflatten_state(s), x)[0])``, ``(S, S)``, at 3 random
       unbatched states ``initial_carry + N(0, (k state_scale)^2)`` and inputs
@@ -864,6 +905,7 @@ def check_cell(
         capability("input_size", _check_input_size, chk, cell, p64, I)
         capability("output", _check_output, chk, cell, p64, carry0, x_t, tol)
         capability("gates", _check_gates, chk, cell, p64, carry0, x_t)
+        capability("recurrent_blocks", _check_recurrent_blocks, chk, cell, p64, carry0, x_t)
         jac_checks = []
         for check in ("jacobian", "jacobian_diagonal", "jacobian_bound"):
             if check not in selected:

@@ -607,7 +607,15 @@ def test_jit_with_static_cell_does_not_retrace_when_rebuilt():
 # --------------------------------------------------------------------------- 8. _replace
 
 
-_STEP_CAPS = ("output", "jacobian", "jacobian_diagonal", "kernel", "gates", "jacobian_bound")
+_STEP_CAPS = (
+    "output",
+    "jacobian",
+    "jacobian_diagonal",
+    "kernel",
+    "gates",
+    "jacobian_bound",
+    "recurrent_blocks",
+)
 
 
 def test_replace_step_drops_every_step_capability():

@@ -5,7 +5,7 @@ The whole contract of a cell, in one place (``docs/design/cells.md`` has the rea
 ```text
 cell = Cell(init, initial_carry, step, *, output=None, jacobian=None,
             jacobian_diagonal=None, kernel=None, gates=None, input_size=None,
-            jacobian_bound=None, meta=None)
+            jacobian_bound=None, recurrent_blocks=None, meta=None)
 params = cell.init(key, input_size)              # a pytree of arrays
 carry = cell.initial_carry(params, batch_shape)  # a pytree of zeros, leaves (*batch, ...)
 carry, y_t = cell.step(params, carry, x_t)       # x_t: (*batch, input_size)
@@ -21,8 +21,14 @@ a generic fallback computes the same thing to float tolerance):
     gates(params, carry_tm1, x_t) -> dict                 this step's gate activations
     input_size(params) -> int                             the I the params were made for
     jacobian_bound(params) -> (sigma, gamma)              ||J_t||_2 <= sigma * gamma everywhere
+    recurrent_blocks(params) -> {gate: (R, H)}            each gate's recurrent matrix W_h^g
 
 ``s`` is the carry flattened in tree-leaf order (``seqjax.spectrum.flatten_state``).
+``recurrent_blocks`` maps each gate (named as ``gates`` names it, in the cell's gate order)
+to the matrix its pre-activation applies to the recurrent state, row-vector convention:
+``net_g = x_t W_x^g + h_{t-1} W_h^g + b_g`` with ``W_h^g: (R, H)``, ``R`` the width of the
+state it multiplies (``H``, or ``P`` for a projected LSTM). A cell documents what the block
+means where the recurrent term is gated (the GRU's ``n``: ``r * (h W_h^n + b_h^n)``).
 Every capability is written for one ``step``: ``cell._replace(step=...)`` with a different
 step drops every step capability (all but ``input_size``) not replaced in the same call, so
 none goes stale; ``_replace(init=...)`` drops ``input_size`` likewise.
@@ -59,8 +65,25 @@ KERNEL_OPTIONS = frozenset({"mask", "resets", "truncate", "reverse", "trajectory
 ``truncate`` (the ``keep`` flags of truncated BPTT), ``reverse``, ``trajectory`` (return
 every step's carry). A request with an option outside ``Kernel.accepts`` runs on autodiff."""
 
-CAPABILITIES = ("output", "jacobian", "jacobian_diagonal", "kernel", "gates", "input_size", "jacobian_bound")
-_STEP_CAPABILITIES = ("output", "jacobian", "jacobian_diagonal", "kernel", "gates", "jacobian_bound")
+CAPABILITIES = (
+    "output",
+    "jacobian",
+    "jacobian_diagonal",
+    "kernel",
+    "gates",
+    "input_size",
+    "jacobian_bound",
+    "recurrent_blocks",
+)
+_STEP_CAPABILITIES = (
+    "output",
+    "jacobian",
+    "jacobian_diagonal",
+    "kernel",
+    "gates",
+    "jacobian_bound",
+    "recurrent_blocks",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +136,7 @@ class _CellFields(NamedTuple):
     gates: Callable | None = None
     input_size: Callable | None = None
     jacobian_bound: Callable | None = None
+    recurrent_blocks: Callable | None = None
     meta: CellMeta | None = None
 
 
@@ -136,6 +160,14 @@ class Cell(_CellFields):
       jacobian_bound: ``(params) -> (sigma, gamma)`` with ``||J_t||_2 <= sigma * gamma`` at
         every state and input (Pascanu et al. 2013: ``sigma = sigma_max(W_h)``,
         ``gamma = sup |f'|`` for the Elman cell).
+      recurrent_blocks: ``(params) -> dict[str, (R, H)]``: gate name -> that gate's recurrent
+        matrix ``W_h^g`` in the row-vector convention, ``net_g = x_t W_x^g + h_{t-1} W_h^g
+        + b_g`` (``d net_g / d h_{t-1} = (W_h^g)^T``), in the cell's gate order and with the
+        names of ``gates`` where the cell has both. ``R`` is the width of the state the
+        block multiplies (``H``; ``P`` for an LSTM with projection). Where the recurrent
+        term is gated (the GRU's ``r * (h W_h^n + b_h^n)``, the MGU's ``(f * h) W_h^n``) the
+        block is the matrix inside the product, as the cell documents. Used by
+        ``seqjax.spectrum.gates.gate_spectra``.
       meta: a ``CellMeta`` for display; never read to choose a code path.
 
     Cells compare by value: built twice with the same arguments they are equal and hash
@@ -157,6 +189,7 @@ class Cell(_CellFields):
         gates=None,
         input_size=None,
         jacobian_bound=None,
+        recurrent_blocks=None,
         meta=None,
     ):
         if kernel is not None and not isinstance(kernel, Kernel):
@@ -182,6 +215,7 @@ class Cell(_CellFields):
             gates,
             input_size,
             jacobian_bound,
+            recurrent_blocks,
             meta,
         )
 
@@ -389,6 +423,15 @@ def gated_params(
     return params
 
 
+def column_blocks(params: Mapping, *, names: tuple[str, ...], key: str = "w_h") -> dict[str, jax.Array]:
+    """``params[key]: (R, G*H)`` split into its ``G = len(names)`` column blocks ``(R, H)``,
+    block ``k`` named ``names[k]``: the ``recurrent_blocks`` of a cell that stores its gates'
+    recurrent matrices side by side (its own layout, read by its own module)."""
+    w = params[key]
+    H = w.shape[-1] // len(names)
+    return {name: w[:, k * H : (k + 1) * H] for k, name in enumerate(names)}
+
+
 def zeros_carry(params, batch_shape, *widths):
     dtype = param_dtype(params)
     batch_shape = batch_shape_of(batch_shape)
@@ -454,7 +497,9 @@ def wrap(
     ``cell`` (output rule, Jacobian, its diagonal, fused kernel, gates) is passed through with
     the same substitution, so it stays exact: the Jacobian with respect to the carry does not
     change when the params or the input are mapped (the chain rule only adds factors for
-    them, which ``jax.grad`` handles through ``params``/``inputs``). This is the
+    them, which ``jax.grad`` handles through ``params``/``inputs``). The params-only
+    capabilities (``jacobian_bound``, ``recurrent_blocks``) read ``params(p)``: mapping the
+    input does not touch the recurrent term ``h_{t-1} W_h``. This is the
     ``optax.chain`` of cells: ``learnable_carry`` is built with it, and so can a user's
     wrapper (input scaling, weight sharing, a params layout of one's own).
 
@@ -472,9 +517,9 @@ def wrap(
       meta: a description (default the inner cell's).
 
     Returns:
-      A ``Cell`` carrying every capability of ``cell`` (``jacobian_bound`` through
-      ``params``). Built twice with equal arguments (the same functions), the results are
-      equal.
+      A ``Cell`` carrying every capability of ``cell`` (``jacobian_bound`` and
+      ``recurrent_blocks`` through ``params``). Built twice with equal arguments (the same
+      functions), the results are equal.
 
     Examples:
       >>> import seqjax
@@ -497,8 +542,10 @@ def wrap(
         )
     if cell.input_size is not None and inputs is None:
         caps["input_size"] = bind(_wrapped_params_only, cap=cell.input_size, get=get)
-    if cell.jacobian_bound is not None:
-        caps["jacobian_bound"] = bind(_wrapped_params_only, cap=cell.jacobian_bound, get=get)
+    for name in ("jacobian_bound", "recurrent_blocks"):
+        cap = getattr(cell, name)
+        if cap is not None:
+            caps[name] = bind(_wrapped_params_only, cap=cap, get=get)
     return Cell(
         cell.init if init is None else init,
         bind(_wrapped_initial_carry, cell=cell, get=get) if initial_carry is None else initial_carry,

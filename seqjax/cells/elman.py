@@ -23,6 +23,7 @@ from seqjax.cells._core import (
     check_carry_width,
     check_hidden,
     check_step_input,
+    column_blocks,
     gated_params,
     get_activation,
     zeros_carry,
@@ -102,7 +103,8 @@ def rnn(
 
     Capabilities: output ``y_t = h_t``; Jacobian ``diag(f'(net_t)) W_h^T`` and its diagonal
     ``f'(net_t) * diag(W_h)``; a fused BPTT kernel; ``gates`` (``{"net"}``); for a named
-    activation the bound ``||J_t|| <= sigma_max(W_h) sup|f'|`` (Pascanu et al. 2013).
+    activation the bound ``||J_t|| <= sigma_max(W_h) sup|f'|`` (Pascanu et al. 2013);
+    ``recurrent_blocks``: ``{"net": w_h}`` (one block, named like the gate ``net`` it feeds).
 
     Args:
       hidden_size: ``H``.
@@ -157,6 +159,7 @@ def rnn(
         check=bind(_check, hidden_size=H),
         gates=bind(_gates, math=math),
         jacobian_bound=bind(_jacobian_bound, gamma=gamma),
+        recurrent_blocks=bind(column_blocks, names=("net",)),
         meta=CellMeta("rnn", H, (("activation", activation), ("hidden_bias", bool(hidden_bias)))),
     )
 

@@ -29,6 +29,7 @@ from seqjax.cells._core import (
     check_carry_width,
     check_hidden,
     check_step_input,
+    column_blocks,
     gated_params,
     zeros_carry,
 )
@@ -121,7 +122,12 @@ def gru(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=No
     Params (a dict): ``w_x: (I, 3H)``, ``w_h: (H, 3H)``, ``b: (3H,)`` (input side),
     ``b_h: (3H,)`` (hidden side; its ``n`` block sits inside the reset product).
 
-    Carry: ``h: (*batch, H)``. Capabilities: output, Jacobian, diagonal, fused kernel, gates.
+    Carry: ``h: (*batch, H)``. Capabilities: output, Jacobian, diagonal, fused kernel, gates,
+    ``recurrent_blocks``: ``{"r": W_hr, "z": W_hz, "n": W_hn}``, the ``(H, H)`` column blocks
+    of ``w_h``. For ``r`` and ``z`` the block is ``d net/d h_{t-1}`` transposed; the candidate's
+    recurrent term is ``r * (h W_hn + b_hn)``, so its block ``W_hn`` is the matrix *inside*
+    the reset product: ``d net_n / d h_{t-1} = diag(r) W_hn^T + diag(h W_hn + b_hn) dr/dh``,
+    and ``W_hn`` is the part a fully open reset gate (``r = 1``) passes.
 
     Args:
       hidden_size: ``H``.
@@ -162,5 +168,6 @@ def gru(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=No
         math,
         check=bind(_check, hidden_size=H),
         gates=bind(_gates, math=math),
+        recurrent_blocks=bind(column_blocks, names=("r", "z", "n")),
         meta=CellMeta("gru", H, ()),
     )

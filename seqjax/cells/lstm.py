@@ -36,6 +36,7 @@ from seqjax.cells._core import (
     check_carry_width,
     check_hidden,
     check_step_input,
+    column_blocks,
     gated_params,
     resolve_init,
     rows_of,
@@ -153,6 +154,8 @@ def lstm_recompute_gate_math() -> _fused.GateMath:
 
 # --------------------------------------------------------------------------- cell functions
 
+_GATES = ("i", "f", "g", "o")  # the column blocks of w_x, w_h and b, in PyTorch's order
+
 
 def _check(params, state, x, *, hidden_size, proj_size):
     h, c = state
@@ -251,9 +254,11 @@ def lstm(
 
     Carry: ``LSTMState(h: (*batch, P), c: (*batch, H))`` with ``P = proj_size or H``.
 
-    Capabilities: output ``y_t = h_t``; gates. Without projection also the analytic
-    Jacobian of ``s = [h, c]`` (``S = 2H``), its diagonal and the fused BPTT kernel; with a
-    projection those fall back to autodiff (the step is not of the affine form).
+    Capabilities: output ``y_t = h_t``; gates; ``recurrent_blocks``, ``{"i", "f", "g", "o"}``
+    -> the column blocks ``W_h^g: (P, H)`` of ``w_h`` (``z_g = x W_x^g + h_{t-1} W_h^g + b_g``;
+    square only without projection). Without projection also the analytic Jacobian of
+    ``s = [h, c]`` (``S = 2H``), its diagonal and the fused BPTT kernel; with a projection
+    those fall back to autodiff (the step is not of the affine form).
 
     Args:
       hidden_size: ``H``.
@@ -311,6 +316,7 @@ def lstm(
             output=bind(carry_field_h),
             gates=bind(_proj_gates, **config),
             input_size=bind(rows_of),
+            recurrent_blocks=bind(column_blocks, names=_GATES),
             meta=meta,
         )
     math = lstm_gate_math()
@@ -320,5 +326,6 @@ def lstm(
         math,
         check=bind(_check, **config),
         gates=bind(_gates, math=math),
+        recurrent_blocks=bind(column_blocks, names=_GATES),
         meta=meta,
     )

@@ -21,6 +21,7 @@ from seqjax.cells._core import (
     check_carry_width,
     check_hidden,
     check_step_input,
+    column_blocks,
     gated_params,
     rows_of,
     zeros_carry,
@@ -104,7 +105,11 @@ def mgu(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=No
     ```
 
     Params: ``w_x: (I, 2H)``, ``w_h: (H, 2H)``, ``b: (2H,)``. Carry: ``h: (*batch, H)``.
-    Capabilities: output, analytic Jacobian and diagonal, gates (no fused kernel).
+    Capabilities: output, analytic Jacobian and diagonal, gates (no fused kernel),
+    ``recurrent_blocks``: ``{"f": W_hf, "n": W_hn}``, the ``(H, H)`` column blocks of
+    ``w_h``. ``W_hf`` is ``d net_f / d h_{t-1}`` transposed; the candidate's recurrent term
+    is ``(f * h_{t-1}) W_hn``, so ``W_hn`` is the matrix applied to the *gated* state
+    ``f * h_{t-1}`` (``d net_n / d(f * h_{t-1}) = W_hn^T``), not to ``h_{t-1}`` itself.
 
     Returns:
       A ``Cell``; ``gates`` returns ``{"f", "n"}``.
@@ -120,6 +125,7 @@ def mgu(hidden_size: int, *, kernel_init=None, recurrent_init=None, bias_init=No
         jacobian_diagonal=bind(_mgu_jacobian_diagonal, **c),
         gates=bind(_mgu_gates, **c),
         input_size=bind(rows_of),
+        recurrent_blocks=bind(column_blocks, names=("f", "n")),
         meta=CellMeta("mgu", H, ()),
     )
 
@@ -189,7 +195,9 @@ def janet(
     ``beta = 0`` gives the coupled form ``c_t = f c_{t-1} + (1 - f) c~``.
 
     Params: ``w_x: (I, 2H)``, ``w_h: (H, 2H)``, ``b: (2H,)``. Carry: ``h: (*batch, H)``.
-    Capabilities: output, Jacobian, diagonal, fused kernel, gates.
+    Capabilities: output, Jacobian, diagonal, fused kernel, gates, ``recurrent_blocks``
+    (``{"f": W_hf, "c_tilde": W_hc}``, the ``(H, H)`` column blocks of ``w_h``; the ``f``
+    block feeds ``s``, which enters both ``sigmoid(s)`` and ``sigmoid(s - beta)``).
 
     Args:
       hidden_size: ``H``.
@@ -216,5 +224,6 @@ def janet(
         math,
         check=bind(_janet_check, hidden_size=H),
         gates=bind(_janet_gates, math=math),
+        recurrent_blocks=bind(column_blocks, names=("f", "c_tilde")),
         meta=CellMeta("janet", H, (("beta", beta),)),
     )

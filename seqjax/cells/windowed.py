@@ -3,6 +3,13 @@ r"""Windowed memory models: the time-delay network (TDNN) and the NARX cell.
 Their carries are windows of past inputs (and outputs); neither is of the affine form, so
 their Jacobians come from the generic autodiff fallback. The NARX output is the newest
 row of its output window, which is its output rule.
+
+Neither has ``recurrent_blocks``: they have no gates, and their state maps are delay lines
+(shift registers). The TDNN's carry only shifts (no learned recurrent matrix at all); the
+NARX feeds back ``[y_{t-L}, ..., y_{t-1}] W_y``, but the state that the step carries is
+the whole window, whose linearisation is a companion (shift) matrix with ``W_y`` in one
+block row, so the spectrum of the non-square ``W_y: (L*O, O)`` says little about the
+dynamics: analyse them with the step Jacobians (``seqjax.spectrum.step_jacobians``).
 """
 
 from __future__ import annotations
@@ -99,7 +106,8 @@ def tdnn(
 
     Params: ``w: (K*I, H)``, ``b: (H,)``. Carry: ``(*batch, K-1, I)`` (an array).
     No output rule: ``y_t`` reads the oldest input of the old window, which the new carry
-    no longer holds, so ``y_t`` is not a function of ``s_t``.
+    no longer holds, so ``y_t`` is not a function of ``s_t``. No ``recurrent_blocks``: the
+    carry only shifts, through no learned matrix (see the module docstring).
 
     Args:
       hidden_size: ``H``, the output size.
@@ -181,7 +189,8 @@ def narx(
 
     Params: ``w_x: (K*I, O)``, ``w_y: (L*O, O)``, ``b: (O,)``.
     Carry: ``NARXState(x: (*batch, K-1, I), y: (*batch, L, O))``. Output rule:
-    ``y_t = carry.y[..., -1, :]``.
+    ``y_t = carry.y[..., -1, :]``. No ``recurrent_blocks``: the feedback is a delay line
+    (its Jacobian a companion matrix), not one ``h W_h`` per gate (see the module docstring).
 
     Args:
       output_size: ``O``.

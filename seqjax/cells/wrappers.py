@@ -5,12 +5,14 @@ capabilities of its inner cells, keeping what stays exact and dropping what does
   capability passes through (``seqjax.cells.wrap``).
 * ``dropout(cell, input_rate=, recurrent_rate=, key=)``: variational dropout as a cell. The
   output rule and gates pass through with the masks; the Jacobian and its diagonal stay
-  exact (``J = J_inner(m * s, x) diag(m)``); the fused kernel is kept for input dropout
-  only; ``jacobian_bound`` is dropped (the masks scale by ``1/(1 - rate)``).
+  exact (``J = J_inner(m * s, x) diag(m)``); the fused kernel and ``recurrent_blocks`` are
+  kept for input dropout only (a recurrent mask turns ``h W_h`` into ``(m * h) W_h``);
+  ``jacobian_bound`` is dropped (the masks scale by ``1/(1 - rate)``).
 * ``stack(cells)``: the output rule composes (``y^l_t = out_l(carry^l_t, y^{l-1}_t)``), the
   Jacobian diagonal composes (the diagonal of the block lower-triangular stack Jacobian is
   made of each layer's own diagonal at its own input), the fused kernels compose layer by
-  layer (accepting the options every layer accepts). The full Jacobian has off-diagonal
+  layer (accepting the options every layer accepts), the recurrent blocks are each layer's
+  own, named ``"layer_<l>.<gate>"``. The full Jacobian has off-diagonal
   blocks through the layers' input Jacobians: it falls back to autodiff. Dropout between
   layers multiplies each layer's input by a fixed mask: a dropout stack keeps the output
   rule, the gates, the diagonal and the kernels, each with the masks. Its masks take the
@@ -59,8 +61,9 @@ def learnable_carry(cell: Cell, init: Callable | None = None) -> Cell:
     The new params are ``{"cell": inner_params, "carry0": carry}`` where ``carry0`` has the
     carry's tree with unbatched leaves (e.g. ``LSTMState(h: (H,), c: (H,))``); the initial
     carry broadcasts it over the batch, so ``jax.grad`` reaches it through ``unroll``.
-    Every capability of ``cell`` (output rule, Jacobian, diagonal, fused kernel, gates) is
-    kept: only the params layout and the initial carry change.
+    Every capability of ``cell`` (output rule, Jacobian, diagonal, fused kernel, gates,
+    ``jacobian_bound``, ``recurrent_blocks``) is kept: only the params layout and the
+    initial carry change.
 
     Args:
       cell: any ``Cell``.
@@ -280,7 +283,9 @@ def dropout(cell: Cell, *, input_rate: float = 0.0, recurrent_rate: float = 0.0,
     Capabilities: ``output`` and ``gates`` with the masks; ``jacobian`` and
     ``jacobian_diagonal`` exact, ``J = J_cell(m_s * s, m_x * x) diag(m_s)``; the fused
     ``kernel`` when ``recurrent_rate == 0`` (it runs on the masked inputs); ``input_size``;
-    ``jacobian_bound`` is dropped.
+    ``recurrent_blocks`` when ``recurrent_rate == 0`` (an input mask leaves the recurrent
+    term ``h_{t-1} W_h`` alone; a recurrent one makes it ``(m_s * h_{t-1}) W_h``, which
+    depends on the masks); ``jacobian_bound`` is dropped.
 
     Args:
       cell: any ``Cell``.
@@ -335,6 +340,8 @@ def dropout(cell: Cell, *, input_rate: float = 0.0, recurrent_rate: float = 0.0,
         )
     if cell.input_size is not None:
         caps["input_size"] = cell.input_size
+    if cell.recurrent_blocks is not None and not drop["recurrent_rate"]:
+        caps["recurrent_blocks"] = cell.recurrent_blocks  # the params are the inner cell's
     inner = cell.meta
     meta = CellMeta(
         f"dropout({inner.name if inner is not None else 'cell'})",
@@ -421,6 +428,17 @@ def _stack_input_size(params, *, cell):
     return cell.input_size(params[0])
 
 
+def _stack_recurrent_blocks(params, *, cells):
+    """Each layer's own blocks, ``"layer_<l>.<gate>"`` (the keys of the stack's ``gates``
+    joined with a dot), layer by layer in each layer's gate order."""
+    _check_layers_params(params, len(cells), "stack")
+    return {
+        f"layer_{l}.{name}": w
+        for l, (c, p) in enumerate(zip(cells, params, strict=True))
+        for name, w in c.recurrent_blocks(p).items()
+    }
+
+
 def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None = None) -> Cell:
     r"""Deep recurrent network as one ``Cell``: layer ``l`` reads the output of layer ``l-1``.
 
@@ -441,7 +459,10 @@ def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None 
 
     Capabilities (each when every layer has it): output rule, Jacobian diagonal and fused
     kernel (with dropout too: the masks are applied to each layer's input), gates
-    (``{"layer_0": gates_0, ...}``); ``input_size`` from the first layer.
+    (``{"layer_0": gates_0, ...}``), ``recurrent_blocks`` (each layer's own, named
+    ``"layer_<l>.<gate>"``, e.g. ``"layer_0.i"``: the path of the gate in ``gates`` joined
+    with a dot; dropout between layers masks inputs only, so they stay exact);
+    ``input_size`` from the first layer.
 
     Args:
       cells: one or more ``Cell``.
@@ -496,6 +517,8 @@ def stack(cells: Sequence[Cell], *, dropout: float = 0.0, key: jax.Array | None 
         caps["kernel"] = Kernel(bind(_stack_run, **drop), accepts)
     if cells[0].input_size is not None:
         caps["input_size"] = bind(_stack_input_size, cell=cells[0])
+    if all(c.recurrent_blocks is not None for c in cells):
+        caps["recurrent_blocks"] = bind(_stack_recurrent_blocks, cells=cells)
     last = cells[-1].meta
     names = ",".join(c.meta.name if c.meta is not None else "cell" for c in cells)
     meta = CellMeta(f"stack({names})", last.hidden_size if last is not None else 0, (("dropout", rate),))
