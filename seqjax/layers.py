@@ -12,6 +12,7 @@ Two kinds of building block live here.
     layer = Layer(init, apply, initial_carry)
     params = layer.init(key, input_size)
     carry, ys = layer.apply(params, xs, carry=None, lengths=None, time_axis=-2, key=None)
+    cores = layer.cores(params, xs, lengths=None)   # its cells and their inputs (None: by hand)
     ```
 
   A bidirectional layer is not causal (``y_t`` depends on ``x_{t+1..T}``), so it cannot
@@ -60,6 +61,15 @@ from seqjax.cells.wrappers import (
     cell_output_size,
     init_in_sequence,
 )
+from seqjax.spectrum.models import (
+    Core,
+    _batch_major,
+    _check_lengths,
+    _cores_of,
+    _prefixed,
+    _require_params,
+    _reverse_within,
+)
 from seqjax.unroll import UNROLL_OPTIONS, check_options, sequence_mask, unroll
 
 _LAYER_OPTIONS = tuple(o for o in UNROLL_OPTIONS if o not in ("carry", "lengths", "time_axis"))
@@ -95,12 +105,18 @@ class Layer(NamedTuple):
       initial_carry: ``(params, batch_shape=()) -> carry`` (zeros).
       meta: a ``CellMeta`` describing the layer for people (``name`` ``"recurrent"``,
         ``"bidirectional"`` or ``"stack_layers"``), or ``None``; never read to choose a path.
+      cores: ``(params, xs, *, lengths=None, time_axis=-2) -> dict[str, Core]``, the layer's
+        recurrent cells with their params and the inputs each one reads
+        (``seqjax.spectrum.models.recurrent_cores``), or ``None`` (a layer built by hand:
+        the analysis tools cannot see inside it). Set by ``as_layer``, ``bidirectional``
+        and ``stack_layers``.
     """
 
     init: Callable[..., Params]
     apply: Callable[..., tuple[Carry, jax.Array]]
     initial_carry: Callable[..., Carry]
     meta: CellMeta | None = None
+    cores: Callable[..., dict[str, Core]] | None = None
 
 
 class Pointwise(NamedTuple):
@@ -177,6 +193,18 @@ def _time_mask(lengths, ys: jax.Array, time_axis: int) -> jax.Array:
 # --------------------------------------------------------------------------- layers
 
 
+def _refuse_fixed(options: dict, who: str) -> None:
+    """``ValueError`` when ``mask`` or ``resets`` is fixed on a layer: its recurrent cores would
+    not be the plain cell driven by inputs (held or reset steps), so they are not listed."""
+    fixed = sorted(k for k in ("mask", "resets") if options.get(k) is not None)
+    if fixed:
+        raise ValueError(
+            f"{who}: this layer has {' and '.join(f'{k}=' for k in fixed)} fixed, so its recurrent cores "
+            "are not a cell driven by its inputs; analyse the cell directly with those inputs "
+            "(e.g. seqjax.trajectory(cell, params, xs, mask=...) and the spectrum tools on the cell)."
+        )
+
+
 def _shown(options: dict) -> tuple:
     """``options`` as sorted ``(name, value)`` pairs for a ``CellMeta``, arrays as ``"array"``."""
     return tuple((k, v if isinstance(v, Hashable) else "array") for k, v in sorted(options.items()))
@@ -197,7 +225,9 @@ def as_layer(cell: Cell | Layer, **options) -> Layer:
     Returns:
       A ``Layer`` with the cell's params and carry;
       ``meta = CellMeta("recurrent", H, (("cell", cell), *options))`` (arrays shown as
-      ``"array"``: the meta is for display).
+      ``"array"``: the meta is for display). ``cores`` gives one core ``"cell"`` (with
+      ``reverse=True``, on each sequence reversed within its own length; refused when
+      ``mask`` or ``resets`` is fixed).
 
     Examples:
       >>> import jax, jax.numpy as jnp, seqjax
@@ -223,12 +253,24 @@ def as_layer(cell: Cell | Layer, **options) -> Layer:
         kw = {**fixed, **check_options("Layer.apply", call, _LAYER_OPTIONS)}
         return unroll(cell, params, xs, carry=carry, lengths=lengths, time_axis=time_axis, **kw)
 
+    reverse = bool(fixed.get("reverse", False))
+
+    def cores(params, xs, *, lengths=None, time_axis=-2):
+        _refuse_fixed(fixed, "as_layer")
+        _require_params(params, "as_layer")
+        xs_bm = _batch_major(xs, time_axis)
+        lengths = _check_lengths(lengths, xs_bm)
+        return {
+            "cell": Core(cell, params, _reverse_within(xs_bm, lengths) if reverse else xs_bm, None, lengths)
+        }
+
     H = cell.meta.hidden_size if cell.meta is not None else 0
     return Layer(
         cell.init,
         apply,
         cell.initial_carry,
         CellMeta("recurrent", H, (("cell", cell), *_shown(options))),
+        cores,
     )
 
 
@@ -285,7 +327,9 @@ def bidirectional(
         from the initial carry at the episode's last step.
 
     Returns:
-      A ``Layer``. ``apply``'s ``carry`` is a ``BiCarry`` (or ``None``: zeros).
+      A ``Layer``. ``apply``'s ``carry`` is a ``BiCarry`` (or ``None``: zeros). ``cores``
+      gives ``"fwd"`` (on ``xs``) and ``"bwd"`` (on each sequence reversed within its own
+      length, the order the backward cell reads it).
 
     Examples:
       >>> import jax, jax.numpy as jnp, seqjax
@@ -354,9 +398,20 @@ def bidirectional(
             ys = jnp.where(m[..., None], ys, jnp.zeros_like(ys))
         return BiCarry(h_f, h_b), ys
 
+    def cores(params, xs, *, lengths=None, time_axis=-2):
+        _refuse_fixed(fixed, "bidirectional")
+        _require_params(params, "bidirectional")
+        _check(params)
+        xs_bm = _batch_major(xs, time_axis)
+        lengths = _check_lengths(lengths, xs_bm)
+        return {
+            "fwd": Core(fwd_cell, params["fwd"], xs_bm, None, lengths),
+            "bwd": Core(bwd_cell, params["bwd"], _reverse_within(xs_bm, lengths), None, lengths),
+        }
+
     H = fwd_cell.meta.hidden_size if fwd_cell.meta is not None else 0
     meta = CellMeta("bidirectional", H, (("fwd", fwd_cell), ("bwd", bwd_cell), ("merge", merge)))
-    return Layer(init, apply, initial_carry, meta)
+    return Layer(init, apply, initial_carry, meta, cores)
 
 
 def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Layer:
@@ -380,7 +435,8 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
       key=None, deterministic=False, **options)`` needs ``key`` when ``dropout > 0`` unless
       ``deterministic=True`` (evaluation: no dropout). Sub-layers receive keys split from
       ``key``, and ``options`` (options of ``unroll`` such as ``mask=`` or ``gradient=``) as
-      they are.
+      they are. ``cores`` gives layer ``l``'s cores as ``"layer{l}.<name>"``, on the outputs
+      of layers ``0..l-1`` run without dropout.
 
     Examples:
       >>> import jax, jax.numpy as jnp, seqjax
@@ -429,9 +485,22 @@ def stack_layers(layers: Sequence[Layer | Cell], *, dropout: float = 0.0) -> Lay
             finals.append(h)
         return tuple(finals), ys
 
+    def cores(params, xs, *, lengths=None, time_axis=-2):
+        _require_params(params, "stack_layers")
+        _check_layers_params(params, L, "stack_layers")
+        builds = [_cores_of(layer, f"stack_layers: layers[{l}]") for l, layer in enumerate(parts)]
+        ys = _batch_major(xs, time_axis)
+        lengths = _check_lengths(lengths, ys)
+        out: dict[str, Core] = {}
+        for l, (layer, p, build) in enumerate(zip(parts, params, builds, strict=True)):
+            out.update(_prefixed(f"layer{l}", build(p, ys, lengths=lengths)))
+            if l < L - 1:  # what apply(..., deterministic=True) feeds layer l + 1
+                ys = layer.apply(p, ys, lengths=lengths)[1]
+        return out
+
     last = parts[-1].meta
     meta = CellMeta("stack_layers", last.hidden_size if last else 0, (("layers", parts), ("dropout", rate)))
-    return Layer(init, apply, initial_carry, meta)
+    return Layer(init, apply, initial_carry, meta, cores)
 
 
 # --------------------------------------------------------------------------- pointwise maps

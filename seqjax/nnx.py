@@ -25,6 +25,10 @@ Modules:
   ``Recurrent``: any ``seqjax.Cell``. ``RNN``, ``LSTM``, ``GRU``: the built-in cells.
   ``Bidirectional``: two recurrent modules, one run backward in time, outputs merged.
   ``Stack``: layers applied in sequence (the outputs of one are the inputs of the next).
+
+Every module has ``cores(params, xs, ...)``, its recurrent cells and the inputs each reads
+(those of its functional layer ``as_layer()``), so a module goes to the spectrum tools
+whole: ``seqjax.spectrum.models.recurrent_cores(module, None, xs)``.
 """
 
 from __future__ import annotations
@@ -38,11 +42,18 @@ from flax import nnx
 
 from seqjax import layers as _layers
 from seqjax.cells import Cell, gru, lstm, rnn
+from seqjax.spectrum.models import Core, _cores_of
 from seqjax.unroll import check_options, check_params, trajectory, unroll
 
 __all__ = ["Recurrent", "RNN", "LSTM", "GRU", "Bidirectional", "Stack"]
 
 _RESERVED = {"cell", "input_size", "hidden_size", "param_tree"}
+
+
+def _module_cores(module: Any, params: Any, xs: Any, lengths: Any, time_axis: int) -> dict[str, Core]:
+    """The cores of ``module.as_layer()`` with ``params`` (default ``module.to_params()``)."""
+    build = _cores_of(module.as_layer(), f"{type(module).__name__}.as_layer()")
+    return build(module.to_params() if params is None else params, xs, lengths=lengths, time_axis=time_axis)
 
 
 def _is_flat(params: Any) -> bool:
@@ -123,6 +134,23 @@ class Recurrent(nnx.Module):
     def as_layer(self) -> _layers.Layer:
         """The functional layer, ``seqjax.layers.as_layer(cell)`` (for ``Stack``)."""
         return _layers.as_layer(self.cell)
+
+    def cores(self, params: Any, xs: Any, *, lengths: Any = None, time_axis: int = -2) -> dict[str, Core]:
+        """The recurrent cores of this module: those of ``self.as_layer()``
+        (``seqjax.spectrum.models.recurrent_cores``).
+
+        Args:
+          params: functional params of ``as_layer()``, or ``None`` for the module's own
+            (``to_params()``).
+          xs: ``(*batch, T, I)`` (time at ``time_axis``).
+          lengths: integer ``(*batch,)`` or ``None``.
+          time_axis: time axis of ``xs``.
+
+        Returns:
+          ``{name: Core(cell, params, xs, carry, lengths)}``: one, ``"cell"`` (``module.cell`` on
+          ``xs``).
+        """
+        return _module_cores(self, params, xs, lengths, time_axis)
 
     def initial_carry(self, batch_shape: int | tuple[int, ...] = ()) -> Any:
         """``cell.initial_carry(params, batch_shape)``: zeros, leaves ``(*batch_shape, ...)``."""
@@ -356,6 +384,23 @@ class Bidirectional(nnx.Module):
         """The functional layer, ``seqjax.layers.bidirectional(fwd.cell, bwd.cell, merge=...)``."""
         return _layers.bidirectional(self.fwd.cell, self.bwd.cell, merge=self.merge)
 
+    def cores(self, params: Any, xs: Any, *, lengths: Any = None, time_axis: int = -2) -> dict[str, Core]:
+        """The recurrent cores of this module: those of ``self.as_layer()``
+        (``seqjax.spectrum.models.recurrent_cores``).
+
+        Args:
+          params: functional params of ``as_layer()``, or ``None`` for the module's own
+            (``to_params()``).
+          xs: ``(*batch, T, I)`` (time at ``time_axis``).
+          lengths: integer ``(*batch,)`` or ``None``.
+          time_axis: time axis of ``xs``.
+
+        Returns:
+          ``{name: Core(cell, params, xs, carry, lengths)}``: ``"fwd"`` on ``xs`` and ``"bwd"``
+          on each sequence reversed within its own length.
+        """
+        return _module_cores(self, params, xs, lengths, time_axis)
+
     def to_params(self) -> dict:
         """``{"fwd": ..., "bwd": ...}``: each direction's functional params."""
         return {"fwd": self.fwd.to_params(), "bwd": self.bwd.to_params()}
@@ -436,6 +481,23 @@ class Stack(nnx.Module):
     def as_layer(self) -> _layers.Layer:
         """The functional layer, ``seqjax.layers.stack_layers([...], dropout=...)``."""
         return _layers.stack_layers([m.as_layer() for m in self.layers], dropout=self.dropout)
+
+    def cores(self, params: Any, xs: Any, *, lengths: Any = None, time_axis: int = -2) -> dict[str, Core]:
+        """The recurrent cores of this module: those of ``self.as_layer()``
+        (``seqjax.spectrum.models.recurrent_cores``).
+
+        Args:
+          params: functional params of ``as_layer()``, or ``None`` for the module's own
+            (``to_params()``).
+          xs: ``(*batch, T, I)`` (time at ``time_axis``).
+          lengths: integer ``(*batch,)`` or ``None``.
+          time_axis: time axis of ``xs``.
+
+        Returns:
+          ``{name: Core(cell, params, xs, carry, lengths)}``: layer ``l``'s cores as
+          ``"layer{l}.<name>"``, on the outputs of the layers below (run without dropout).
+        """
+        return _module_cores(self, params, xs, lengths, time_axis)
 
     def to_params(self) -> tuple:
         """``tuple(layer.to_params() for layer in layers)``."""

@@ -11,7 +11,8 @@
 
 A *body* is a ``Cell`` or a ``Layer`` (``seqjax.layers``); a *head* is a ``Pointwise``
 (``dense``) applied at every step, or ``None``. Models are ``SeqModel(init, apply)``
-pairs with params ``{"body": ..., "head": ...}``.
+pairs with params ``{"body": ..., "head": ...}``. Every model built here also says what its
+recurrent cores are (its ``cores`` field, read by ``seqjax.spectrum.models.recurrent_cores``).
 
 Generation runs one scan over time through ``unroll`` (the only time scan in seqjax): the
 step of a wrapped cell reads out the logits, samples a token, feeds it back and steps the
@@ -31,6 +32,15 @@ from seqjax._scan import time_axis_of
 from seqjax._util import positive_int
 from seqjax.cells import Cell
 from seqjax.layers import Layer, Pointwise, as_layer, output_size
+from seqjax.spectrum.models import (
+    Core,
+    _batch_major,
+    _check_lengths,
+    _cores_of,
+    _pair,
+    _prefixed,
+    _require_params,
+)
 from seqjax.unroll import check_carry, sequence_mask, unroll
 
 __all__ = [
@@ -50,10 +60,20 @@ Params = Any
 
 
 class SeqModel(NamedTuple):
-    """A sequence model: ``init(key, input_size) -> params``, ``apply(params, xs, **kw) -> outputs``."""
+    """A sequence model: ``init(key, input_size) -> params``, ``apply(params, xs, **kw) -> outputs``.
+
+    Attributes:
+      init: ``(key, input_size) -> params``.
+      apply: ``(params, xs, **kw) -> outputs``.
+      cores: ``(params, xs, *, lengths=None, time_axis=-2) -> dict[str, Core]``, the model's
+        recurrent cells with their params and inputs (``seqjax.spectrum.models.recurrent_cores``),
+        or ``None`` (built by hand). Set by ``many_to_one`` and ``many_to_many``: the body's
+        cores, named ``"body.<name>"``.
+    """
 
     init: Callable[..., Params]
     apply: Callable[..., jax.Array]
+    cores: Callable[..., dict[str, Core]] | None = None
 
 
 class EncoderDecoder(NamedTuple):
@@ -68,6 +88,10 @@ class EncoderDecoder(NamedTuple):
         -> (final_carry, outputs)``.
       decoder: the decoder ``Cell`` (for ``generate``).
       head: the ``Pointwise`` head or ``None``.
+      cores: ``(params, (src, dec_inputs), *, lengths=None, time_axis=-2) -> dict[str, Core]``
+        with ``lengths`` ``None`` or ``(src_lengths, dec_lengths)``: the encoder's cores named
+        ``"encoder.<name>"`` and ``"decoder"``, the decoder on the teacher-forced inputs from
+        ``encode(params, src)`` (``seqjax.spectrum.models.recurrent_cores``), or ``None``.
     """
 
     init: Callable[..., Params]
@@ -76,6 +100,7 @@ class EncoderDecoder(NamedTuple):
     decode: Callable[..., Any]
     decoder: Cell
     head: Pointwise | None
+    cores: Callable[..., dict[str, Core]] | None = None
 
 
 class GenCarry(NamedTuple):
@@ -170,6 +195,20 @@ def _body_and_head(body, head):
     return layer
 
 
+def _body_cores(layer: Layer, who: str) -> Callable[..., dict[str, Core]]:
+    """The ``cores`` capability of a body-and-head model: the body's cores, ``"body."`` prefixed."""
+
+    def cores(params, xs, *, lengths=None, time_axis=-2):
+        _require_params(params, who)
+        if not isinstance(params, dict) or "body" not in params:
+            got = sorted(params) if isinstance(params, dict) else type(params).__name__
+            raise ValueError(f"{who}: params must be a dict with keys ['body', 'head'], got {got}.")
+        build = _cores_of(layer, f"{who}: the body")
+        return _prefixed("body", build(params["body"], xs, lengths=lengths, time_axis=time_axis))
+
+    return cores
+
+
 def _init_body_head(layer, head, key, input_size):
     k_b, k_h = jax.random.split(key)
     pb = layer.init(k_b, input_size)
@@ -211,7 +250,7 @@ def many_to_one(body: Cell | Layer, head: Pointwise | None = None, *, pool_by: s
         z = pool(ys, lengths, how=pool_by, time_axis=time_axis)
         return z if head is None else head.apply(params["head"], z)
 
-    return SeqModel(init, apply)
+    return SeqModel(init, apply, _body_cores(layer, "many_to_one"))
 
 
 def many_to_many(body: Cell | Layer, head: Pointwise | None = None) -> SeqModel:
@@ -251,7 +290,7 @@ def many_to_many(body: Cell | Layer, head: Pointwise | None = None) -> SeqModel:
             out = jnp.where(m[..., None], out, jnp.zeros_like(out))
         return out
 
-    return SeqModel(init, apply)
+    return SeqModel(init, apply, _body_cores(layer, "many_to_many"))
 
 
 # --------------------------------------------------------------------------- encoder-decoder
@@ -333,7 +372,38 @@ def encoder_decoder(
         carry = encode(params, src, lengths=src_lengths, time_axis=time_axis)
         return decode(params, carry, dec_inputs, lengths=dec_lengths, time_axis=time_axis)[1]
 
-    return EncoderDecoder(init, apply, encode, decode, decoder, head)
+    def cores(params, xs, *, lengths=None, time_axis=-2):
+        who = "encoder_decoder"
+        _require_params(params, who)
+        src, dec_inputs = _pair(xs, "xs", "(src, dec_inputs)", who)
+        src_lengths, dec_lengths = (
+            (None, None) if lengths is None else _pair(lengths, "lengths", "(src_lengths, dec_lengths)", who)
+        )
+        src_bm = _batch_major(src, time_axis, name="src")
+        dec_bm = _batch_major(dec_inputs, time_axis, name="dec_inputs")
+        src_lengths = _check_lengths(src_lengths, src_bm, name="src_lengths", of="src")
+        dec_lengths = _check_lengths(dec_lengths, dec_bm, name="dec_lengths", of="dec_inputs")
+        if src_bm.shape[:-2] != dec_bm.shape[:-2]:
+            raise ValueError(
+                f"{who}: src has batch shape {tuple(src_bm.shape[:-2])} but dec_inputs has "
+                f"{tuple(dec_bm.shape[:-2])}; they need the same batch shape (the encoder's carry starts "
+                "the decoder)."
+            )
+        out = _prefixed(
+            "encoder", _cores_of(enc, f"{who}: the encoder")(params["encoder"], src_bm, lengths=src_lengths)
+        )
+        carry = encode(params, src_bm, lengths=src_lengths)
+        check_carry(
+            decoder,
+            params["decoder"],
+            carry,
+            tuple(dec_bm.shape[:-2]),
+            name="decoder initial carry (bridge(encoder carry))",
+        )
+        out["decoder"] = Core(decoder, params["decoder"], dec_bm, carry, dec_lengths)
+        return out
+
+    return EncoderDecoder(init, apply, encode, decode, decoder, head, cores)
 
 
 # --------------------------------------------------------------------------- generation
