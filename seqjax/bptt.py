@@ -27,6 +27,7 @@ Also here: ``chunk_stream`` and ``tbptt`` (stateful truncated BPTT over a long s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,7 +39,7 @@ from seqjax._scan import batch_shape_of_xs, time_axis_of, time_scan
 from seqjax._util import cast_floating, compute_dtype, positive_int, promote
 from seqjax.cells import Cell
 from seqjax.gradients import Auto, Autodiff, resolve
-from seqjax.unroll import unroll
+from seqjax.unroll import sequence_mask, unroll
 
 __all__ = [
     "fused_supported",
@@ -212,102 +213,28 @@ class GradientNorms(NamedTuple):
 
     Attributes:
       norms: ``||dL/ds_t||`` over the whole flattened carry ``s_t`` of each sequence, in the
-        layout of ``xs`` without its feature axis (``(*batch, T)`` batch-major).
+        layout of ``xs`` without its feature axis (``(*batch, T)`` batch-major); with
+        ``by_lag=True`` index ``L`` along time holds lag ``L`` (see ``gradient_norms``).
       leaf_norms: the same per carry leaf, a pytree like the carry (e.g.
         ``LSTMState(h=(*batch, T), c=(*batch, T))``).
+      valid: bool, same layout as ``norms``: where an entry is a measured step (in time
+        order: the steps a sequence reads; by lag: the lags a sequence has). ``None`` without
+        ``lengths``/``mask``.
     """
 
     norms: jax.Array
     leaf_norms: Any
+    valid: jax.Array | None = None
 
 
-def _flat_leaves(c, nb):
-    return [a.reshape(a.shape[:nb] + (-1,)) for a in jax.tree_util.tree_leaves(c)]
+_ARRAY_OPTIONS = ("lengths", "mask", "resets")
 
 
-def gradient_norms(
-    cell: Cell,
-    params,
-    xs: jax.Array,
-    loss_fn: Callable,
-    *,
-    carry=None,
-    time_axis: int = -2,
-    by_lag: bool = False,
-    direct: bool = True,
-    **unroll_kwargs,
-) -> GradientNorms:
-    r"""``||dL/ds_t||`` for every step ``t``, from one backward pass.
-
-    ``s_t`` is the carry after step ``t`` (for the LSTM the pair ``(h_t, c_t)``; per-leaf norms
-    are returned too). ``dL/ds_t`` is the *total* derivative: through the output ``y_t`` and
-    through every later step. It is computed by adding a zero perturbation ``eps_t`` to the
-    carry after each step, ``s_t <- s_t + eps_t``, and taking ``dL/deps`` (one ``jax.grad``):
-    the reverse scan delivers all ``T`` values at once instead of ``T`` separate gradients.
-    The output's dependence on ``s_t`` is read from the cell's ``output`` capability,
-    ``y_t = output(params, s_t, x_t)``, so the perturbation reaches ``y_t`` exactly as the
-    cell defines it (for a carry ``(y, z)`` with output ``y`` too). A cell without an output
-    rule is refused unless ``direct=False``, which counts only the path through later steps
-    (exact when ``y_t`` does not depend on ``s_t``, as for ``tdnn``). Masked or padded steps
-    hold the carry, so their perturbation is dropped and their norm is 0.
-
-    For a loss over the sequence this measures how much each step's state matters; for a loss
-    on the last step only (``loss_fn = lambda ys: f(ys[..., -1, :])``) it is
-    ``||dL_T/ds_t||`` whose decay with the lag ``T - t`` shows vanishing or exploding gradients
-    (Pascanu, Mikolov & Bengio 2013): for a linear Elman cell ``h_t = h_{t-1} W_h + x_t W_x``
-    (row vectors) ``dL_T/dh_t = g (W_h^T)^{T-t}`` with ``g = dL_T/dh_T``.
-
-    The sum over a batch of independent sequences gives per-sequence norms. Uses autodiff of
-    the plain scan (any cell).
-
-    Args:
-      cell: the cell.
-      params: its params.
-      xs: ``(*batch, T, I)`` (or per ``time_axis``).
-      loss_fn: ``loss_fn(ys) -> scalar`` with ``ys`` as ``unroll`` returns them.
-      carry: initial carry (default zeros).
-      time_axis: the time axis of ``xs``.
-      by_lag: flip the time axis of the result: index ``k`` then holds step ``T - 1 - k``
-        (0-based), i.e. the lag ``k`` behind the last step, lag 0 first (the curve for a
-        last-step loss).
-      direct: include the direct path ``s_t -> y_t`` (needs ``cell.output``); ``False``
-        counts only the path through later steps.
-      **unroll_kwargs: passed to ``unroll`` (``lengths``, ``mask``, ``reverse``, ...);
-        ``gradient`` may be ``Autodiff()`` (the default), ``Remat(k)`` or a ``Truncate`` of them
-        (a ``Truncate`` gives the truncated ``dL/ds_t``); ``Fused()`` is refused.
-
-    Returns:
-      ``GradientNorms(norms, leaf_norms)``, arrays in the layout of ``xs`` without features.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, seqjax
-      >>> cell = seqjax.rnn(4)
-      >>> params = cell.init(jax.random.key(0), input_size=3)
-      >>> xs = jnp.ones((2, 5, 3))
-      >>> gn = seqjax.gradient_norms(cell, params, xs, lambda ys: jnp.sum(ys[:, -1] ** 2), by_lag=True)
-      >>> print(gn.norms.shape)                         # (B, T): ||dL_T/ds_{T-k}|| at lag k
-      (2, 5)
-      >>> bool(jnp.all(gn.norms[:, 0] > gn.norms[:, -1]))     # it vanishes with the lag
-      True
-    """
-
-    gradient = unroll_kwargs.pop("gradient", None)
-    if gradient is None or isinstance(gradient, Auto):
-        gradient = Autodiff()
-    if resolve(gradient).kernel == "require":
-        raise ValueError(
-            f"gradient_norms(gradient={gradient!r}): the perturbation of every step's carry runs on the "
-            "plain scan, never a fused kernel; use Autodiff(), Remat(k) or Truncate(k, base=Autodiff())."
-        )
-    if direct and cell.output is None:
-        raise ValueError(
-            "gradient_norms: this cell has no output capability, so how y_t depends on the carry "
-            "s_t is unknown. Give the cell one (Cell(..., output=lambda params, carry, x: y)) or "
-            "pass direct=False to count only the path through later steps."
-        )
-    output = cell.output if direct else None  # not None when direct (checked above)
-    xs = jnp.asarray(xs)
-    params, xs, carry, _ = promote(params, xs, carry)
+@functools.partial(jax.jit, static_argnames=("cell", "loss_fn", "time_axis", "by_lag", "direct", "static"))
+def _gradient_norms_core(cell, params, xs, carry, arrays, *, loss_fn, time_axis, by_lag, direct, static):
+    options = dict(static)
+    gradient = options.pop("gradient")
+    output = cell.output if direct else None
     ta = time_axis_of(time_axis, xs.ndim, name=f"xs of shape {tuple(xs.shape)}")
     batch_shape = batch_shape_of_xs(xs.shape, ta)
     nb = len(batch_shape)
@@ -344,7 +271,7 @@ def gradient_norms(
     def loss(eps):
         xe = jnp.concatenate([xs.astype(dtype), eps], axis=-1)
         _, ys = unroll(
-            wrapped, params, xe, carry=carry, time_axis=time_axis, gradient=gradient, **unroll_kwargs
+            wrapped, params, xe, carry=carry, time_axis=time_axis, gradient=gradient, **arrays, **options
         )
         return loss_fn(ys)
 
@@ -354,7 +281,188 @@ def gradient_norms(
         parts.append(jnp.linalg.norm(g[..., off : off + w], axis=-1))
         off += w
     norms = jnp.linalg.norm(g, axis=-1)
+    valid = _read_steps(arrays, xs.shape[:-1], ta)
     if by_lag:
-        norms = jnp.flip(norms, axis=ta)
-        parts = [jnp.flip(a, axis=ta) for a in parts]
-    return GradientNorms(norms, jax.tree_util.tree_unflatten(c_def, parts))
+        index, valid = _lag_index(valid, xs.shape[:-1], ta, bool(options.get("reverse", False)))
+        norms, parts = (
+            _gather_lags(norms, index, valid, ta),
+            [_gather_lags(a, index, valid, ta) for a in parts],
+        )
+    return GradientNorms(norms, jax.tree_util.tree_unflatten(c_def, parts), valid)
+
+
+def _read_steps(arrays, shape, ta):
+    """``(layout of xs without features)`` bool: the steps read (``t < lengths`` and ``mask``),
+    or ``None`` when neither is given."""
+    lengths, mask = arrays.get("lengths"), arrays.get("mask")
+    if lengths is None and mask is None:
+        return None
+    T = shape[ta]
+    valid = jnp.ones(shape, bool)
+    if lengths is not None:
+        valid = valid & sequence_mask(jnp.asarray(lengths), T, time_axis=ta)
+    if mask is not None:
+        valid = valid & jnp.asarray(mask, bool)
+    return valid
+
+
+def _lag_index(valid, shape, ta, reverse):
+    """For each sequence and lag ``L``, the time index of lag ``L`` (counted from the last step
+    the sequence reads, or the first with ``reverse``) and whether it exists."""
+    T = shape[ta]
+    t = jnp.arange(T)
+    lag = jnp.arange(T)
+    if valid is None:
+        idx = (lag if reverse else T - 1 - lag).reshape((1,) * (len(shape) - 1) + (T,))
+        idx = jnp.broadcast_to(idx, tuple(np.delete(np.array(shape), ta)) + (T,))
+        return jnp.moveaxis(idx, -1, ta), None
+    v = jnp.moveaxis(valid, ta, -1)
+    t = t.reshape((1,) * (v.ndim - 1) + (T,))
+    lag = lag.reshape((1,) * (v.ndim - 1) + (T,))
+    first = jnp.min(jnp.where(v, t, T), axis=-1)[..., None]
+    last = jnp.max(jnp.where(v, t, -1), axis=-1)[..., None]
+    # a reverse pass ends at the first step read, a forward one at the last
+    idx = first + lag if reverse else last - lag
+    has = (idx >= first) & (idx <= last)
+    return jnp.moveaxis(jnp.clip(idx, 0, T - 1), -1, ta), jnp.moveaxis(has, -1, ta)
+
+
+def _gather_lags(a, index, has, ta):
+    out = jnp.take_along_axis(a, index, axis=ta)
+    return out if has is None else jnp.where(has, out, jnp.nan)
+
+
+def gradient_norms(
+    cell: Cell,
+    params,
+    xs: jax.Array,
+    loss_fn: Callable,
+    *,
+    carry=None,
+    time_axis: int = -2,
+    by_lag: bool = False,
+    direct: bool = True,
+    **unroll_kwargs,
+) -> GradientNorms:
+    r"""``||dL/ds_t||`` for every step ``t``, from one backward pass.
+
+    ``s_t`` is the carry after step ``t`` (for the LSTM the pair ``(h_t, c_t)``; per-leaf norms
+    are returned too). ``dL/ds_t`` is the *total* derivative: through the output ``y_t`` and
+    through every later step. It is computed by adding a zero perturbation ``eps_t`` to the
+    carry after each step, ``s_t <- s_t + eps_t``, and taking ``dL/deps`` (one ``jax.grad``):
+    the reverse scan delivers all ``T`` values at once instead of ``T`` separate gradients.
+    The output's dependence on ``s_t`` is read from the cell's ``output`` capability,
+    ``y_t = output(params, s_t, x_t)``, so the perturbation reaches ``y_t`` exactly as the
+    cell defines it (for a carry ``(y, z)`` with output ``y``, or an output that is any
+    function of the carry and the input). A cell without an output rule is refused unless
+    ``direct=False``, which counts only the path through later steps (exact when ``y_t``
+    does not depend on ``s_t``, as for ``tdnn``). Masked or padded steps hold the carry, so
+    their perturbation is dropped and their norm is 0 (``valid`` marks the steps read).
+
+    Lags (``by_lag=True``), the convention of every seqjax analysis function: index ``L``
+    along time holds **lag ``L``, lag 0 first**, the state ``L`` steps before the last step
+    the sequence reads: ``||dL/ds_{T_b - L}||`` with ``T_b`` each sequence's own last valid
+    step (``lengths``/``mask``), so a batch of padded sequences lines up by lag and
+    ``jnp.nanmean(norms, axis=0)`` averages each lag over the sequences that have it; lags
+    before a sequence's start are NaN. With ``reverse=True`` the pass ends at the first step
+    read, and lag ``L`` is ``L`` steps after it. Raw norms (not logs).
+
+    For a loss over the sequence this measures how much each step's state matters; for a loss
+    on the last step only (``loss_fn = lambda ys: f(ys[..., -1, :])``) it is
+    ``||dL_T/ds_t||`` whose decay with the lag ``T - t`` shows vanishing or exploding gradients
+    (Pascanu, Mikolov & Bengio 2013): for a linear Elman cell ``h_t = h_{t-1} W_h + x_t W_x``
+    (row vectors) ``dL_T/dh_t = g (W_h^T)^{T-t}`` with ``g = dL_T/dh_T``. (With padding,
+    ``ys[..., -1, :]`` is a padded zero: take each sequence's last valid output,
+    ``seqjax.last_step(ys, lengths)``.)
+
+    The sum over a batch of independent sequences gives per-sequence norms. Uses autodiff of
+    the plain scan (any cell). Compiled once per cell, ``loss_fn`` (by identity: define it
+    once, outside a loop over checkpoints), options and shapes.
+
+    Args:
+      cell: the cell.
+      params: its params.
+      xs: ``(*batch, T, I)`` (or per ``time_axis``).
+      loss_fn: ``loss_fn(ys) -> scalar`` with ``ys`` as ``unroll`` returns them.
+      carry: initial carry (default zeros).
+      time_axis: the time axis of ``xs``.
+      by_lag: index the result by lag instead of time (see above).
+      direct: include the direct path ``s_t -> y_t`` (needs ``cell.output``); ``False``
+        counts only the path through later steps.
+      **unroll_kwargs: passed to ``unroll`` (``lengths``, ``mask``, ``resets``, ``reverse``,
+        ``solver``); ``gradient`` may be ``Autodiff()`` (the default), ``Remat(k)`` or a
+        ``Truncate`` of them (a ``Truncate`` gives the truncated ``dL/ds_t``); ``Fused()`` is
+        refused.
+
+    Returns:
+      ``GradientNorms(norms, leaf_norms, valid)``, arrays in the layout of ``xs`` without
+      features.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> cell = seqjax.rnn(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> def last_loss(ys):
+      ...     return jnp.sum(ys[:, -1] ** 2)
+      >>> gn = seqjax.gradient_norms(cell, params, xs, last_loss, by_lag=True)
+      >>> print(gn.norms.shape)                         # (B, T): ||dL_T/ds_{T-L}|| at lag L
+      (2, 5)
+      >>> bool(jnp.all(gn.norms[:, 0] > gn.norms[:, -1]))     # it vanishes with the lag
+      True
+    """
+
+    gradient = unroll_kwargs.pop("gradient", None)
+    if gradient is None or isinstance(gradient, Auto):
+        gradient = Autodiff()
+    if resolve(gradient).kernel == "require":
+        raise ValueError(
+            f"gradient_norms(gradient={gradient!r}): the perturbation of every step's carry runs on the "
+            "plain scan, never a fused kernel; use Autodiff(), Remat(k) or Truncate(k, base=Autodiff())."
+        )
+    if direct and cell.output is None:
+        raise ValueError(
+            "gradient_norms: this cell has no output capability, so how y_t depends on the carry "
+            "s_t is unknown. Give the cell one (Cell(..., output=lambda params, carry, x: y)) or "
+            "pass direct=False to count only the path through later steps."
+        )
+    unknown = sorted(set(unroll_kwargs) - {*_ARRAY_OPTIONS, "reverse", "solver"})
+    if unknown:
+        raise TypeError(
+            f"gradient_norms got unexpected keyword arguments {unknown}; options of unroll it takes: "
+            f"{sorted({*_ARRAY_OPTIONS, 'reverse', 'solver', 'gradient'})}."
+        )
+    arrays = {k: jnp.asarray(v) for k, v in unroll_kwargs.items() if k in _ARRAY_OPTIONS and v is not None}
+    static = {k: v for k, v in unroll_kwargs.items() if k not in _ARRAY_OPTIONS}
+    static["gradient"] = gradient
+    if "reverse" in static:
+        static["reverse"] = bool(static["reverse"])
+    xs = jnp.asarray(xs)
+    params, xs, carry, _ = promote(params, xs, carry)
+    ta = time_axis_of(time_axis, xs.ndim, name=f"xs of shape {tuple(xs.shape)}")
+    if "lengths" in arrays:
+        from seqjax.unroll import _check_lengths
+
+        _check_lengths(arrays["lengths"], batch_shape_of_xs(xs.shape, ta), xs.shape[ta])
+    if "mask" in arrays and tuple(arrays["mask"].shape) != tuple(xs.shape[:-1]):
+        raise ValueError(
+            f"mask has shape {tuple(arrays['mask'].shape)} but needs xs.shape[:-1] = {tuple(xs.shape[:-1])} "
+            "(one flag per sequence and step)."
+        )
+    try:
+        key = tuple(sorted(static.items()))
+        hash(key)
+    except TypeError as e:
+        raise TypeError(f"gradient_norms: the options {sorted(static)} must be hashable: {e}") from None
+    return _gradient_norms_core(
+        cell,
+        params,
+        xs,
+        carry,
+        arrays,
+        loss_fn=loss_fn,
+        time_axis=ta,
+        by_lag=bool(by_lag),
+        direct=bool(direct),
+        static=key,
+    )

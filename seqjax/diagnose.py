@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax._util import promote
 from seqjax.cells import Cell
 from seqjax.plot import PLOT_EXTRA
 from seqjax.spectrum import flatten_state, lag_log_norms, lyapunov_spectrum, step_jacobians
@@ -46,7 +47,8 @@ class Diagnosis(NamedTuple):
     """The Jacobian story of a model on ``B`` sequences of ``T`` steps (state size ``S``).
 
     Attributes:
-      grad_log10: ``(T,)``, entry ``L - 1`` for lag ``L = 1..T``: with targets
+      grad_log10: ``(T + 1,)``, entry ``L`` for lag ``L = 0..T`` (the lag convention of
+        every seqjax analysis function; entry 0 is 0): with targets
         (``cotangent``), the mean over sequences of
         ``log10 ||dL/ds_{T-L}|| / ||dL/ds_T||`` for the model's many-to-one MSE loss ``L``;
         without, of ``log10 ||ds_T/ds_{T-L}||_2``.
@@ -56,17 +58,18 @@ class Diagnosis(NamedTuple):
         sequence.
       radius_jac: ``(T,)`` their spectral radii ``max |eig J_t|``.
       jac_norm: ``(T,)`` their spectral norms ``||J_t||_2``.
-      cell_log10_units: cells whose carry has more than one leaf: ``(T, units)``, entry
-        ``[L - 1, u]`` the mean over sequences of ``log10 prod_{t > T-L} |(J_t)_{uu}|`` over
+      cell_log10_units: cells whose carry has more than one leaf: ``(T + 1, units)``, entry
+        ``[L, u]`` (lag ``L = 0..T``) the mean over sequences of ``log10 prod_{t > T-L} |(J_t)_{uu}|`` over
         the memory units (every carry leaf after the first). For the LSTM
         ``dc_t/dc_{t-1} = diag(f_t)``, so this is ``log10 prod f`` of the forget gates.
         ``None`` for single-leaf carries.
-      cell_log10: ``(T,)``, its maximum over units (the most persistent unit), or ``None``.
-      eig_wh: cells with a square recurrent matrix ``w_h: (H, G*H)``: the eigenvalues
-        ``(H,)`` of each of its ``G`` column blocks (one per gate); ``[]`` when ``w_h`` is not
-        square per block; ``None`` without ``w_h``.
-      gate_names: the names of those blocks (see ``gate_names``), or ``None``.
-      sigma_wh: ``sigma_max(w_h)``, or ``None``.
+      cell_log10: ``(T + 1,)``, its maximum over units (the most persistent unit), or ``None``.
+      eig_wh: cells with the ``recurrent_blocks`` capability (one ``(H, H)`` recurrent
+        block per gate, ``seqjax.spectrum.gate_spectra``): the eigenvalues ``(H,)`` of each
+        block; ``[]`` when the blocks are not square; ``None`` without the capability.
+      gate_names: the names of those blocks in the cell's order, or ``None``.
+      sigma_blocks: ``{block name: sigma_max}`` of each recurrent block, or ``None`` (a gated
+        cell's ``sigma_max`` of its whole ``(H, G*H)`` matrix mixes gates and is not reported).
     """
 
     grad_log10: np.ndarray
@@ -79,7 +82,7 @@ class Diagnosis(NamedTuple):
     cell_log10: np.ndarray | None = None
     eig_wh: list[np.ndarray] | None = None
     gate_names: list[str] | None = None
-    sigma_wh: float | None = None
+    sigma_blocks: dict[str, float] | None = None
 
 
 class TrainedModel(NamedTuple):
@@ -130,13 +133,13 @@ def diagnose(cell: Cell, params: dict, xs: jax.Array, *, ys: jax.Array | None = 
       ``o = h_T W + b`` (``params["head"] = {"w", "b"}``), the loss gradient
       $g_T = \partial L/\partial s_T$ is carried back,
       $g_{T-L} = g_T J_T \cdots J_{T-L+1}$ (``lag_log_norms`` with that cotangent), and
-      ``grad_log10[L-1]`` is the mean of $\log_{10} \|g_{T-L}\| / \|g_T\|$; without
+      ``grad_log10[L]`` is the mean of $\log_{10} \|g_{T-L}\| / \|g_T\|$; without
       targets it is the mean of $\log_{10} \|J_T \cdots J_{T-L+1}\|_2$;
     * the memory path of multi-leaf carries: $\sum_{t > T-L} \log_{10} |(J_t)_{uu}|$
       per memory unit ``u`` (exact for the LSTM's cell state, whose block of ``J_t`` is
       ``diag(f_t)``);
     * the Lyapunov spectrum (``lyapunov_spectrum``, warm-up ``min(10, T // 5)`` steps);
-    * eigenvalues of each gate block of ``w_h`` and its largest singular value, and the
+    * eigenvalues and largest singular value of each recurrent block (``recurrent_blocks``), and the
       eigenvalues, spectral radii and norms of ``J_t`` along the first sequence.
 
     Args:
@@ -148,6 +151,7 @@ def diagnose(cell: Cell, params: dict, xs: jax.Array, *, ys: jax.Array | None = 
     Returns:
       A ``Diagnosis`` of NumPy arrays and floats.
     """
+    params, xs, _, _ = promote(params, xs)  # the dtype rule, for the NumPy parts too
     body = params["body"]
     T = xs.shape[-2]
     J = step_jacobians(cell, body, xs).jacobians  # (B, T, S, S)
@@ -167,11 +171,11 @@ def diagnose(cell: Cell, params: dict, xs: jax.Array, *, ys: jax.Array | None = 
             return jnp.mean((out - ys) ** 2)
 
         g_flat = flatten_state(jax.grad(loss_from_carry)(carry), batch_ndim=1)
-        lag = np.asarray(lag_log_norms(J, cotangent=g_flat))  # (B, T): log ||dL/ds_{T-L}||
+        lag = np.asarray(lag_log_norms(J, cotangent=g_flat))  # (B, T + 1): log ||dL/ds_{T-L}||, L = 0..T
         g0 = np.log(np.maximum(np.asarray(jnp.linalg.norm(g_flat, axis=-1)), 1e-30))
-        lag = lag - g0[:, None]
+        lag = lag - g0[:, None]  # (B, T + 1), lag 0 first
     else:
-        lag = np.asarray(lag_log_norms(J))  # log ||ds_T/ds_{T-L}||_2
+        lag = np.asarray(lag_log_norms(J))  # log ||ds_T/ds_{T-L}||_2, lag 0 first
     grad_log10 = np.mean(lag / math.log(10.0), axis=0)
 
     memory: dict[str, Any] = {}
@@ -185,19 +189,18 @@ def diagnose(cell: Cell, params: dict, xs: jax.Array, *, ys: jax.Array | None = 
         d = np.abs(np.diagonal(np.asarray(J), axis1=-2, axis2=-1))[..., first:]  # (B, T, S - first)
         logd = np.log10(np.maximum(d, 1e-30))
         cum = np.cumsum(logd[:, ::-1, :], axis=1)  # lag L = 1..T from the end
-        units = np.mean(cum, axis=0)  # (T, units): mean over sequences, per unit
+        cum = np.concatenate([np.zeros_like(cum[:, :1]), cum], axis=1)  # lag 0 first
+        units = np.mean(cum, axis=0)  # (T + 1, units): mean over sequences, per unit
         memory = {"cell_log10_units": units, "cell_log10": np.max(units, axis=-1)}
     lyap = lyapunov_spectrum(cell, body, xs, warmup=min(10, T // 5))
-    H = cell.meta.hidden_size if cell.meta is not None else None
-    w_h = np.asarray(body["w_h"]) if "w_h" in body else None
     recurrent: dict[str, Any] = {}
-    if w_h is not None and H:
-        G = w_h.shape[1] // H
-        blocks = [w_h[:, k * H : (k + 1) * H] for k in range(G)] if w_h.shape[0] == H else []
+    if cell.recurrent_blocks is not None:
+        blocks = {k: np.asarray(v) for k, v in cell.recurrent_blocks(body).items()}
+        square = all(b.shape[0] == b.shape[1] for b in blocks.values())
         recurrent = {
-            "eig_wh": [np.linalg.eigvals(b) for b in blocks],
-            "gate_names": gate_names(cell, body, xs.shape[-1], G),
-            "sigma_wh": float(np.linalg.norm(w_h, 2)),
+            "eig_wh": [np.linalg.eigvals(b) for b in blocks.values()] if square else [],
+            "gate_names": list(blocks),
+            "sigma_blocks": {k: float(np.linalg.norm(b, 2)) for k, b in blocks.items()},
         }
     Jn = np.asarray(J[0], dtype=np.float64)
     eig = np.linalg.eigvals(Jn)  # (T, S)
@@ -217,8 +220,16 @@ def diagnose(cell: Cell, params: dict, xs: jax.Array, *, ys: jax.Array | None = 
 
 
 def _at_lag(curve: np.ndarray, L: int) -> float:
-    """``curve[L - 1]`` (lag ``L``), or its last entry when ``L`` is beyond the curve."""
-    return float(curve[min(L, len(curve)) - 1])
+    """``curve[L]`` (lag ``L``, lag 0 first), or its last entry when ``L`` is beyond the curve."""
+    return float(curve[min(L, len(curve) - 1)])
+
+
+def _largest_block(d: Diagnosis) -> str | None:
+    """``"name: sigma"`` of the recurrent block with the largest ``sigma_max`` (``None`` without)."""
+    if not d.sigma_blocks:
+        return None
+    name = max(d.sigma_blocks, key=lambda k: d.sigma_blocks[k])  # type: ignore[index]
+    return f"{name}: {d.sigma_blocks[name]:.3f}"
 
 
 def _fmt(x, f="{:.4f}"):
@@ -312,9 +323,9 @@ def demo_report(
     lag: int,
 ) -> str:
     """The Markdown report of ``seqjax demo``: the verdict, a table of numbers per model
-    (test MSE, training time, ``grad_log10`` at ``lag``, largest Lyapunov exponent,
-    ``sigma_max(W_h)``, mean spectral radius of ``J_t``), the LSTM's cell path, definitions,
-    and the figures.
+    (test MSE, training time, ``grad_log10`` at ``lag``, largest Lyapunov exponent, the
+    largest ``sigma_max`` of a recurrent block, mean spectral radius of ``J_t``), the LSTM's
+    cell path, definitions, and the figures.
 
     Args:
       results: ``TrainedModel`` per model name, in table order.
@@ -340,14 +351,14 @@ def demo_report(
         "",
         f"| model | test MSE | train time (s) | log10 gradient ratio at lag {lag} | "
         "largest Lyapunov exponent | "
-        "sigma_max(W_h) | mean spectral radius of J_t |",
+        "largest sigma_max of a recurrent block | mean spectral radius of J_t |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         a = r.diagnosis
         lines.append(
             f"| {name} | {_fmt(r.test_mse)} | {r.seconds:.1f} | {_at_lag(a.grad_log10, lag):.2f} | "
-            f"{float(a.lyapunov[0]):+.4f} | {_fmt(a.sigma_wh, '{:.3f}')} | "
+            f"{float(a.lyapunov[0]):+.4f} | {_fmt(_largest_block(a), '{}')} | "
             f"{float(np.mean(a.radius_jac)):.3f} |"
         )
     if "lstm" in results and results["lstm"].diagnosis.cell_log10 is not None:
@@ -425,8 +436,9 @@ def spectrum_report(
         f"- mean spectral radius of the step Jacobians: {float(np.mean(d.radius_jac)):.3f}",
         f"- mean ||J_t||_2: {float(np.mean(d.jac_norm)):.3f}",
     ]
-    if d.sigma_wh is not None:
-        lines.append(f"- sigma_max(W_h): {d.sigma_wh:.3f}")
+    if d.sigma_blocks:
+        parts = ", ".join(f"{k}: {v:.3f}" for k, v in d.sigma_blocks.items())
+        lines.append(f"- sigma_max of each recurrent block: {parts}")
     if d.cell_log10 is not None:
         lines.append(
             f"- log10 product of forget gates over {lag} steps (most persistent unit): "

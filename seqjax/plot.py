@@ -82,11 +82,12 @@ def _reference_line(ax, y: float) -> None:
     ax.axhline(y, color="0.6", lw=0.8, ls="--")
 
 
-def _curves(ax, values: Any, label: str | None, scale: float = 1.0, **kwargs):
-    """One curve per leading index of ``values: (..., T)`` against ``1..T``; ``label`` on the first."""
+def _curves(ax, values: Any, label: str | None, scale: float = 1.0, *, start: int = 1, **kwargs):
+    """One curve per leading index of ``values: (..., n)`` against ``start..start+n-1`` (lags
+    start at 0, steps at 1); ``label`` on the first."""
     y = np.asarray(values, dtype=float)
     y = y.reshape(-1, y.shape[-1]) * scale
-    x = np.arange(1, y.shape[-1] + 1)
+    x = np.arange(start, start + y.shape[-1])
     for b, yy in enumerate(y):
         ax.plot(x, yy, label=label if b == 0 else None, **kwargs)
 
@@ -166,10 +167,13 @@ def plot_lyapunov_spectrum(spectrum: Any, *, ax=None, label: str | None = None, 
 
 
 def plot_lag_norms(log_norms: Any, *, ax=None, label: str | None = None, **kwargs):
-    """Gradient norm against lag: ``log10 ||ds_T/ds_{T-L}||`` for ``L = 1..T``.
+    """Gradient norm against lag: ``log10 ||ds_T/ds_{T-L}||`` for ``L = 0..T``.
+
+    The lag convention of every seqjax analysis function: index ``L`` holds lag ``L``, lag 0
+    first (the x axis starts at 0); NaN entries (lags a padded sequence lacks) leave gaps.
 
     Args:
-      log_norms: natural-log norms ``(..., T)`` (e.g. ``lag_log_norms(J)``); one curve per
+      log_norms: natural-log norms ``(..., T + 1)`` (e.g. ``lag_log_norms(J)``); one curve per
         leading index.
       ax: matplotlib ``Axes``.
       label: legend label (first curve).
@@ -179,7 +183,7 @@ def plot_lag_norms(log_norms: Any, *, ax=None, label: str | None = None, **kwarg
       The ``Axes``.
     """
     ax = _axes(ax)
-    _curves(ax, log_norms, label, _LOG10E, **kwargs)
+    _curves(ax, log_norms, label, _LOG10E, start=0, **kwargs)
     return _finish(ax, "lag L = T - t", "log10 ||ds_T / ds_t||", label is not None)
 
 
@@ -215,8 +219,9 @@ def plot_gradient_flow(report: Any, *, ax=None, **kwargs):
     """
     ax = _axes(ax)
     curve = np.asarray(report.lag_log_norms, dtype=float)
-    lags = np.arange(1, curve.size + 1)
-    kwargs.setdefault("label", f"measured (rate {report.growth_rate:+.3g}/step)")
+    lags = np.arange(curve.size)  # lag 0 first
+    rate, err = float(report.lyapunov_max), float(report.lyapunov_stderr)
+    kwargs.setdefault("label", f"measured (λ_1 = {rate:+.3g} ± {err:.1g}/step)")
     ax.plot(lags, curve * _LOG10E, **kwargs)
     if report.bound_rate is not None:
         ax.plot(
@@ -245,7 +250,7 @@ def plot_gradient_vs_lag(diagnoses: Mapping[str, Any], *, ax=None):
     """The gradient ratio against lag of one or more ``seqjax.diagnose.Diagnosis``.
 
     For each model ``name``: ``grad_log10`` (``log10 ||dL/ds_(T-L)|| / ||dL/ds_T||``, or
-    ``log10 ||ds_T/ds_(T-L)||`` without targets) against ``L = 1..T``, and for multi-leaf
+    ``log10 ||ds_T/ds_(T-L)||`` without targets) against ``L = 0..T``, and for multi-leaf
     carries the memory path ``cell_log10`` (dashed; the LSTM's ``prod f`` of its most
     persistent unit), with the line ``0`` (no decay).
 
@@ -259,9 +264,9 @@ def plot_gradient_vs_lag(diagnoses: Mapping[str, Any], *, ax=None):
     ax = _axes(ax)
     for name, d in diagnoses.items():
         what = "||dL/ds_(T-L)|| / ||dL/ds_T||" if d.cotangent else "||ds_T/ds_(T-L)||"
-        _curves(ax, d.grad_log10, f"{name}: {what}")
+        _curves(ax, d.grad_log10, f"{name}: {what}", start=0)
         if d.cell_log10 is not None:
-            _curves(ax, d.cell_log10, f"{name}: cell path, prod f (most persistent unit)", ls="--")
+            _curves(ax, d.cell_log10, f"{name}: cell path, prod f (most persistent unit)", start=0, ls="--")
     ax.axhline(0.0, color="k", lw=0.5)
     ax.set_title("Gradient norm against lag")
     return _finish(ax, "lag L (steps back from the end)", "log10 gradient ratio", True, fontsize=8)

@@ -155,7 +155,7 @@ def test_demo_writes_report_and_spectrum_reads_it(capsys, tmp_path):
     code, stdout, _ = _run(["spectrum", str(out / "lstm"), "--batch", "2", "--plot"], capsys)
     assert code == 0 and "Lyapunov" in stdout
     spec = json.loads((out / "lstm" / "spectrum" / "spectrum.json").read_text())
-    assert spec["cell"] == "lstm" and len(spec["grad_log10"]) == spec["T"]
+    assert spec["cell"] == "lstm" and len(spec["grad_log10"]) == spec["T"] + 1  # lags 0..T
     assert len(spec["lyapunov"]) == 8  # state [h, c] of 4 + 4 units
     assert (out / "lstm" / "spectrum" / "report.md").exists()
     assert (out / "lstm" / "spectrum" / "lyapunov.png").exists()

@@ -32,7 +32,7 @@ def test_diagnose_without_targets_matches_the_spectrum_functions():
     d = dg.diagnose(cell, params, xs)
     body = params["body"]
     J = step_jacobians(cell, body, xs).jacobians
-    assert not d.cotangent and d.grad_log10.shape == (T,)
+    assert not d.cotangent and d.grad_log10.shape == (T + 1,)  # lags 0..T
     np.testing.assert_allclose(
         d.grad_log10, np.mean(np.asarray(lag_log_norms(J)), 0) / math.log(10), rtol=1e-6
     )
@@ -47,7 +47,7 @@ def test_diagnose_without_targets_matches_the_spectrum_functions():
     np.testing.assert_allclose(
         np.sort_complex(d.eig_wh[0]), np.sort_complex(np.linalg.eigvals(w_h)), rtol=1e-6
     )
-    assert d.sigma_wh == pytest.approx(np.linalg.svd(w_h, compute_uv=False)[0], rel=1e-6)
+    assert d.sigma_blocks["net"] == pytest.approx(np.linalg.svd(w_h, compute_uv=False)[0], rel=1e-6)
     assert d.cell_log10 is None and d.cell_log10_units is None  # one carry leaf: no memory path
 
 
@@ -71,10 +71,11 @@ def test_gradient_ratio_with_targets_matches_autodiff():
         return f
 
     gT = jax.grad(loss_from(T))(carry_at(T))
+    assert d.grad_log10[0] == 0.0  # lag 0: the ratio to itself
     for L in (1, 3, T):
         gL = jax.grad(loss_from(T - L))(carry_at(T - L))
         want = np.mean(np.log10(np.linalg.norm(gL, axis=-1) / np.linalg.norm(gT, axis=-1)))
-        assert d.grad_log10[L - 1] == pytest.approx(want, abs=1e-4), L
+        assert d.grad_log10[L] == pytest.approx(want, abs=1e-4), L
 
 
 def test_lstm_memory_path_is_the_product_of_forget_gates():
@@ -89,10 +90,15 @@ def test_lstm_memory_path_is_the_product_of_forget_gates():
         carry, _ = cell.step(body, carry, xs[:, t])
     logf = np.stack(logf, 1)  # (B, T, H)
     want = np.mean(np.cumsum(logf[:, ::-1], axis=1), axis=0)  # (T, H): lag L = 1..T
+    want = np.concatenate([np.zeros((1, 3)), want])  # lag 0 first
     np.testing.assert_allclose(d.cell_log10_units, want, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(d.cell_log10, want.max(-1), rtol=1e-4, atol=1e-6)
     assert d.gate_names == ["i", "f", "g", "o"] and len(d.eig_wh) == 4
     assert all(e.shape == (3,) for e in d.eig_wh)
+    w_h = np.asarray(body["w_h"], np.float64)  # PyTorch's gate order i, f, g, o in column blocks
+    for k, g in enumerate("ifgo"):
+        block = w_h[:, 3 * k : 3 * (k + 1)]
+        assert d.sigma_blocks[g] == pytest.approx(np.linalg.norm(block, 2), rel=1e-5)
     assert d.lyapunov.shape == (6,)  # the state [h, c]
 
 
@@ -127,13 +133,13 @@ def _diag(grad_log10, lyap=(-0.2, -0.5), units=None, sigma=None, cotangent=True)
         eig_jac=np.zeros((n, 2), complex),
         radius_jac=np.full(n, 0.5),
         jac_norm=np.full(n, 0.75),
-        sigma_wh=sigma,
+        sigma_blocks=None if sigma is None else {"net": sigma},
         **memory,
     )
 
 
 def test_verdict_quotes_the_numbers():
-    lags = np.arange(1, 11)
+    lags = np.arange(0, 11)  # index L holds lag L, lag 0 first
     rnn = dg.TrainedModel(_diag(-0.5 * lags), test_mse=0.16, seconds=1.0)
     # 4 units: log10 at lag 10 of -0.3, -0.5, -2, -0.9 -> 3 keep more than 10%
     units = np.outer(lags / 10, [-0.3, -0.5, -2.0, -0.9])
@@ -157,14 +163,14 @@ def test_verdict_quotes_the_numbers():
 
 
 def test_reports_and_summary():
-    lags = np.arange(1, 11)
+    lags = np.arange(0, 11)  # index L holds lag L, lag 0 first
     results = {
         "rnn": dg.TrainedModel(_diag(-0.5 * lags, sigma=1.25), 0.16, 1.0),
         "lstm": dg.TrainedModel(_diag(-0.1 * lags, units=np.outer(lags, [-0.05, -0.2])), 0.01, 2.0),
     }
     v = dg.verdict(results, 10)
     md = dg.demo_report(results, v, {}, T=10, steps=5, hidden=4, lag=10)
-    assert "| rnn | 0.1600 | 1.0 | -5.00 | -0.2000 | 1.250 | 0.500 |" in md
+    assert "| rnn | 0.1600 | 1.0 | -5.00 | -0.2000 | net: 1.250 | 0.500 |" in md
     assert "| lstm | 0.0100 | 2.0 | -1.00 | -0.2000 | n/a | 0.500 |" in md
     assert "most persistent unit): -0.50." in md
     assert all(f"- {line}" in md for line in v)
@@ -179,7 +185,10 @@ def test_reports_and_summary():
     )
     assert lines[0] == "# Spectrum report: rnn (4 units) on adding, T = 10"
     assert lines[2] == "- log10 ||dL/ds_(T-L)|| / ||dL/ds_T|| at lag 10: -5.00"
-    assert "- sigma_max(W_h): 1.250" in lines and lines[-1] == "![lyapunov](lyapunov.png)\n"
+    assert (
+        "- sigma_max of each recurrent block: net: 1.250" in lines
+        and lines[-1] == "![lyapunov](lyapunov.png)\n"
+    )
     lines = dg.spectrum_report(
         _diag(-0.5 * lags, cotangent=False), name="gru", hidden=4, task="copy", T=10, lag=10
     )

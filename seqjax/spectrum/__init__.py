@@ -51,7 +51,11 @@ Modules (every public name is re-exported here; import from ``seqjax.spectrum``)
   ``top_eigenvalues``;
 - ``report``: ``gradient_flow_report``, ``GradientFlowReport``;
 - ``fixed_points``: fixed and slow points: ``find_fixed_points``, ``FixedPoints``,
-  ``sample_states``, ``speed``, ``linearize``.
+  ``sample_states``, ``speed``, ``linearize``;
+- ``gates``: the recurrent spectra of each gate's block: ``gate_spectra``, ``GateSpectrum``;
+- ``models``: the recurrent cores of a whole model (``many_to_one``, ``encoder_decoder``,
+  layers, NNX modules), which every trajectory-based tool accepts in place of a cell:
+  ``recurrent_cores``, ``over_cores``, ``Core``.
 
 Imports point one way: ``state`` <- ``jacobians`` <- ``linalg``/``products`` <-
 ``lyapunov``/``matrix_free`` <- ``report``/``fixed_points``.
@@ -64,10 +68,12 @@ References:
 """
 
 from seqjax.spectrum.fixed_points import FixedPoints, find_fixed_points, linearize, sample_states, speed
+from seqjax.spectrum.gates import GateSpectrum, gate_spectra
 from seqjax.spectrum.jacobians import StepJacobians, input_jacobian, step_jacobian, step_jacobians
 from seqjax.spectrum.linalg import eig, eigvals, spectral_radii, step_spectra
 from seqjax.spectrum.lyapunov import LyapunovSpectrum, lyapunov_from_jacobians, lyapunov_spectrum
 from seqjax.spectrum.matrix_free import top_eigenvalues, top_singular_values
+from seqjax.spectrum.models import Core, over_cores, recurrent_cores
 from seqjax.spectrum.products import lag_log_norms, product_eigenvalues, product_singular_values
 from seqjax.spectrum.report import GradientFlowReport, gradient_flow_report
 from seqjax.spectrum.state import flatten_state, state_size, unflatten_state
@@ -99,4 +105,9 @@ __all__ = [
     "sample_states",
     "speed",
     "linearize",
+    "gate_spectra",
+    "GateSpectrum",
+    "recurrent_cores",
+    "over_cores",
+    "Core",
 ]

@@ -32,18 +32,29 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seqjax._util import promote
+from seqjax._util import positive_int, promote
 from seqjax.cells import Cell
 from seqjax.spectrum.jacobians import _batch_major, _jacobian_fn, _trajectory
 from seqjax.spectrum.linalg import eig
-from seqjax.spectrum.state import _flat_step, _like, flatten_state, state_size, unflatten_state
+from seqjax.spectrum.state import (
+    _flat_step,
+    _for_model,
+    _like,
+    _mask_batch_major,
+    _valid_steps,
+    flatten_state,
+    state_size,
+    unflatten_state,
+)
+from seqjax.unroll import _is_concrete
 
 __all__ = [
     "FixedPoints",
@@ -76,6 +87,11 @@ def speed(cell: Cell, params: Any, states: jax.Array, x: jax.Array) -> jax.Array
     x = _check_x(x)
     states = jnp.asarray(states)
     params, x, states, _ = promote(params, x, states)
+    return _speed_core(cell, params, states, x)
+
+
+@functools.partial(jax.jit, static_argnames=("cell",))
+def _speed_core(cell, params, states, x):
     f = _flat_step(cell, params, _like(cell, params))
     flat = states.reshape((-1, states.shape[-1]))
     q = jax.vmap(lambda s: 0.5 * jnp.sum((f(s, x) - s) ** 2))(flat)
@@ -100,8 +116,15 @@ def linearize(
       ones normalised so that ``left^H right = I``.
     """
     x = _check_x(x)
+    states = jnp.asarray(states)
+    params, x, states, _ = promote(params, x, states)
+    return _linearize_core(cell, params, states, x, host=host)
+
+
+@functools.partial(jax.jit, static_argnames=("cell", "host"))
+def _linearize_core(cell, params, states, x, *, host):
     jac = _jacobian_fn(cell, params, "auto")
-    J = jax.vmap(lambda s: jac(s, x))(jnp.asarray(states))
+    J = jax.vmap(lambda s: jac(s, x))(states)
     w, vr, vl = eig(J, host=host)
     order = jnp.argsort(-jnp.abs(w), axis=-1)
     w = jnp.take_along_axis(w, order, axis=-1)
@@ -110,6 +133,7 @@ def linearize(
     return J, w, vr, vl
 
 
+@overload
 def sample_states(
     cell: Cell,
     params: Any,
@@ -117,34 +141,128 @@ def sample_states(
     *,
     n: int,
     key: jax.Array,
+    noise: float = ...,
+    carry: Any = ...,
+    lengths: Any = ...,
+    mask: Any = ...,
+    time_axis: int = ...,
+) -> jax.Array: ...
+
+
+@overload
+def sample_states(
+    cell: object,
+    params: Any,
+    xs: jax.Array,
+    *,
+    n: int,
+    key: jax.Array,
+    noise: float = ...,
+    carry: Any = ...,
+    lengths: Any = ...,
+    mask: Any = ...,
+    time_axis: int = ...,
+) -> dict[str, jax.Array]: ...
+
+
+def sample_states(
+    cell: Cell | Any,
+    params: Any,
+    xs: jax.Array,
+    *,
+    n: int,
+    key: jax.Array,
     noise: float = 0.0,
     carry: Any = None,
+    lengths: Any = None,
+    mask: Any = None,
     time_axis: int = -2,
-) -> jax.Array:
+) -> jax.Array | dict[str, jax.Array]:
     """Draw ``n`` starting states from the trajectories of ``cell`` driven by ``xs``.
 
     Args:
-      cell: the cell.
+      cell: the cell, or a whole model (see ``seqjax.spectrum.recurrent_cores``): then a
+        dict, one ``(n, S)`` array per core.
       params: its params.
       xs: ``(*batch, T, I)`` inputs (e.g. a batch of task inputs).
-      n: how many states (drawn uniformly over sequences and steps, with replacement).
+      n: how many states (drawn uniformly over the steps read, with replacement).
       key: PRNG key.
       noise: standard deviation of Gaussian noise added to each sampled state.
       carry: initial carry for the unroll.
+      lengths: ``(*batch,)`` valid steps of each sequence: states after padding are never
+        drawn.
+      mask: ``(*batch, T)`` bool, the steps read (laid out like ``xs`` without features).
       time_axis: time axis of ``xs``.
 
     Returns:
       ``(n, S)`` flattened states.
     """
+    if not isinstance(cell, Cell):
+        return _for_model(
+            sample_states, cell, params, xs, carry, lengths, mask, time_axis, n=n, key=key, noise=noise
+        )
+    xs = jnp.asarray(xs)
     xs_bm = _batch_major(xs, time_axis)
-    _, states = _trajectory(cell, params, xs_bm, carry)
+    valid = _valid_steps(lengths, _mask_batch_major(mask, xs, time_axis), xs_bm)
+    if valid is not None and _is_concrete(valid) and not bool(np.any(np.asarray(valid))):
+        raise ValueError("sample_states: lengths/mask leave no step to draw a state from.")
+    params, xs_bm, carry, _ = promote(params, xs_bm, carry)
+    return _sample_core(cell, params, xs_bm, carry, valid, key, jnp.asarray(noise), n=positive_int(n, "n"))
+
+
+@functools.partial(jax.jit, static_argnames=("cell", "n"))
+def _sample_core(cell, params, xs_bm, carry, valid, key, noise, *, n):
+    _, states = _trajectory(cell, params, xs_bm, carry, valid)
     flat = states.reshape((-1, states.shape[-1]))
     k_idx, k_noise = jax.random.split(key)
-    idx = jax.random.randint(k_idx, (int(n),), 0, flat.shape[0])
+    if valid is None:
+        idx = jax.random.randint(k_idx, (n,), 0, flat.shape[0])
+    else:
+        w = valid.reshape(-1).astype(flat.dtype)
+        idx = jax.random.choice(k_idx, flat.shape[0], (n,), p=w / jnp.sum(w))
     out = flat[idx]
-    if noise:
-        out = out + noise * jax.random.normal(k_noise, out.shape, jnp.float32).astype(out.dtype)
-    return out
+    eps = jax.random.normal(k_noise, out.shape, jnp.float32).astype(out.dtype)
+    return out + noise.astype(out.dtype) * eps
+
+
+def _optimise_core_impl(cell, params, x, s0, lr, *, steps, newton_steps, optimizer):
+    """Minimise the speed from every start (vmapped), then Newton-refine."""
+    S = s0.shape[-1]
+    f = _flat_step(cell, params, _like(cell, params))
+    opt = optax.adam(lr) if optimizer is None else optimizer
+
+    def q_fn(s):
+        return 0.5 * jnp.sum((f(s, x) - s) ** 2)
+
+    def optimise_one(s):
+        state = opt.init(s)
+
+        def body(_, c):
+            s, st = c
+            g = jax.grad(q_fn)(s)
+            upd, st = opt.update(g, st, s)
+            return optax.apply_updates(s, upd), st
+
+        s, _ = jax.lax.fori_loop(0, steps, body, (s, state))
+
+        def newton(_, s):
+            J = jax.jacfwd(lambda v: f(v, x))(s)
+            r = f(s, x) - s
+            step = jnp.linalg.solve(J - jnp.eye(S, dtype=J.dtype), r)
+            s_new = s - step
+            ok = jnp.all(jnp.isfinite(s_new)) & (q_fn(s_new) < q_fn(s))
+            return jnp.where(ok, s_new, s)
+
+        s = jax.lax.fori_loop(0, newton_steps, newton, s)
+        return s, q_fn(s)
+
+    return jax.vmap(optimise_one)(s0)
+
+
+# The optimiser is static: an optax transformation is a tuple of functions, hashed by identity,
+# so a user's optimiser object reused across calls hits the cache; the default Adam is built
+# inside from a traced learning rate and never recompiles.
+_optimise_core = jax.jit(_optimise_core_impl, static_argnames=("cell", "steps", "newton_steps", "optimizer"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +383,11 @@ def find_fixed_points(
     Returns:
       ``FixedPoints`` sorted by ``q`` (``print`` it for a summary).
 
+    Compilation: the optimisation is one ``jax.jit`` with the cell, ``steps``,
+    ``newton_steps`` and ``optimizer`` static (the default Adam takes ``learning_rate``
+    traced), so a sweep over checkpoints compiles it once; the linearisation runs on the
+    kept points padded to a power of two, so at most ``log2(N) + 1`` shapes compile.
+
     Examples:
       A tanh RNN with small recurrent weights (a contraction) has one fixed point for a
       constant input, a stable one: every start converges to it, the duplicates are removed.
@@ -295,36 +418,13 @@ def find_fixed_points(
         fixed_tol = min(max(1e-12, 100.0 * S * eps**2), slow_tol)
     if not 0 <= fixed_tol <= slow_tol:
         raise ValueError(f"need 0 <= fixed_tol <= slow_tol, got {fixed_tol} and {slow_tol}.")
-    f = _flat_step(cell, params, like)
-    x = x.astype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
-    opt = optax.adam(learning_rate) if optimizer is None else optimizer
-
-    def q_fn(s):
-        return 0.5 * jnp.sum((f(s, x) - s) ** 2)
-
-    def optimise_one(s):
-        state = opt.init(s)
-
-        def body(_, c):
-            s, st = c
-            g = jax.grad(q_fn)(s)
-            upd, st = opt.update(g, st, s)
-            return optax.apply_updates(s, upd), st
-
-        s, _ = jax.lax.fori_loop(0, steps, body, (s, state))
-
-        def newton(_, s):
-            J = jax.jacfwd(lambda v: f(v, x))(s)
-            r = f(s, x) - s
-            step = jnp.linalg.solve(J - jnp.eye(S, dtype=J.dtype), r)
-            s_new = s - step
-            ok = jnp.all(jnp.isfinite(s_new)) & (q_fn(s_new) < q_fn(s))
-            return jnp.where(ok, s_new, s)
-
-        s = jax.lax.fori_loop(0, newton_steps, newton, s)
-        return s, q_fn(s)
-
-    pts, qs = jax.jit(jax.vmap(optimise_one))(s0)
+    if optimizer is None:
+        opt_key, lr = None, jnp.asarray(learning_rate, s0.dtype)
+    else:
+        opt_key, lr = optimizer, None
+    pts, qs = _optimise_core(
+        cell, params, x, s0, lr, steps=int(steps), newton_steps=int(newton_steps), optimizer=opt_key
+    )
     pts, qs = np.asarray(pts), np.asarray(qs)
     n_start = pts.shape[0]
     keep = np.isfinite(qs) & (qs <= slow_tol)
@@ -346,7 +446,12 @@ def find_fixed_points(
         n_out = int((~inl).sum())
         pts, qs = pts[inl], qs[inl]
     if pts.shape[0]:
-        J, w, vr, vl = (np.asarray(a) for a in linearize(cell, params, jnp.asarray(pts), x, host=host))
+        # How many points survive depends on the params; padding to a power of two bounds the
+        # shapes the linearisation compiles for (at most log2(num_starts) + 1 programs in a sweep).
+        n = pts.shape[0]
+        padded = np.concatenate([pts, np.repeat(pts[:1], (1 << (n - 1).bit_length()) - n, axis=0)])
+        lin = linearize(cell, params, jnp.asarray(padded), x, host=host)
+        J, w, vr, vl = (np.asarray(a)[:n] for a in lin)
     else:
         cd = np.result_type(pts.dtype, np.complex64)
         J = np.zeros((0, S, S), pts.dtype)

@@ -9,18 +9,27 @@ share the QR iteration (``_benettin``) and the windowed summary with error bars
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
+import functools
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax._util import promote
+from seqjax._util import cast_floating, compute_dtype, promote
 from seqjax.cells import Cell
 from seqjax.spectrum.jacobians import _METHODS, _batch_major, _jacobian_fn, _trajectory
 from seqjax.spectrum.products import _random_frame
-from seqjax.spectrum.state import _flat_step, _like, _vmap_lead, state_size
+from seqjax.spectrum.state import (
+    _flat_step,
+    _for_model,
+    _like,
+    _mask_batch_major,
+    _valid_steps,
+    _vmap_lead,
+    state_size,
+)
+from seqjax.unroll import _is_concrete
 
 __all__ = [
     "lyapunov_spectrum",
@@ -29,27 +38,36 @@ __all__ = [
 ]
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["exponents", "stderr", "finite_time", "steps"],
+    meta_fields=["window"],
+)
 @dataclasses.dataclass(frozen=True)
 class LyapunovSpectrum:
-    """Lyapunov exponents with block-means error bars.
+    """Lyapunov exponents with block-means error bars; a pytree (``window`` is static), so it
+    passes through ``jit``, ``vmap`` and ``grad``.
 
     Attributes:
       exponents: ``(*batch, k)``, per step (natural log), decreasing; ``-inf`` where the
-        product is (numerically) rank-deficient, never NaN.
+        product is (numerically) rank-deficient; NaN only for a sequence with no complete
+        window (possible under ``jit`` with traced ``lengths``; eagerly that is an error).
       stderr: ``(*batch, k)``, standard error from the spread of the per-window
         exponents (batch means: ``std(ddof=1)/sqrt(num_windows)``); ``0`` where the
         exponent is ``-inf``; ``inf`` with a single window.
       finite_time: ``(*batch, num_windows, k)``, the finite-time (local) exponents of each
-        window, columns in the order of ``exponents``.
-      window: steps per window.
-      steps: steps averaged over (``num_windows * window``).
+        window, columns in the order of ``exponents``; NaN for a window a (shorter, padded)
+        sequence does not fill.
+      steps: ``(*batch,)`` integer, the steps each sequence's exponents average over
+        (its complete windows times ``window``).
+      window: steps per window (a Python int).
     """
 
     exponents: jax.Array
     stderr: jax.Array
     finite_time: jax.Array
+    steps: jax.Array
     window: int
-    steps: int
 
     @property
     def max(self) -> jax.Array:
@@ -57,15 +75,37 @@ class LyapunovSpectrum:
         return self.exponents[..., 0]
 
     def __str__(self) -> str:
-        e = np.asarray(self.exponents)
-        s = np.asarray(self.stderr)
+        e = np.asarray(self.exponents, dtype=np.float64)
+        s = np.asarray(self.stderr, dtype=np.float64)
+        steps = np.asarray(self.steps).reshape(-1)
         flat_e, flat_s = e.reshape(-1, e.shape[-1]), s.reshape(-1, s.shape[-1])
-        lines = [f"Lyapunov spectrum ({self.steps} steps, windows of {self.window}); per step, natural log"]
-        for b, (ee, ss) in enumerate(zip(flat_e, flat_s)):
-            head = f"  seq {b}: " if flat_e.shape[0] > 1 else "  "
-            lines.append(head + ", ".join(f"{x:+.4f}±{y:.1e}" for x, y in zip(ee[:8], ss[:8])))
-            if ee.shape[0] > 8:
-                lines[-1] += f", ... ({ee.shape[0]} exponents)"
+        n, k = flat_e.shape
+        shown = min(k, 8)
+        more = f", ... ({k} exponents)" if k > shown else ""
+        span = (
+            f"{steps.min()}" if steps.size and steps.min() == steps.max() else f"{steps.min()}-{steps.max()}"
+        )
+        head = (
+            f"Lyapunov spectrum, per step (natural log); windows of {self.window} steps, "
+            f"{span} steps averaged"
+        )
+        if n == 1:
+            body = ", ".join(f"{x:+.4f}±{y:.1e}" for x, y in zip(flat_e[0, :shown], flat_s[0, :shown]))
+            return f"{head}\n  {body}{more}"
+        with np.errstate(invalid="ignore"):
+            finite = np.where(np.isfinite(flat_e), flat_e, np.nan)
+            mean = np.nanmean(finite, axis=0) if np.isfinite(finite).any() else np.full(k, np.nan)
+            spread = np.nanstd(finite, axis=0, ddof=1) if n > 1 else np.zeros(k)
+            mean = np.where(np.all(flat_e == -np.inf, axis=0), -np.inf, mean)
+            med_err = np.nanmedian(np.where(np.isfinite(flat_s), flat_s, np.nan), axis=0)
+        lines = [
+            head,
+            f"  mean over {n} sequences ± spread (std across sequences):",
+            "  " + ", ".join(f"{m:+.4f}±{d:.1e}" for m, d in zip(mean[:shown], spread[:shown])) + more,
+            "  median per-sequence stderr: " + ", ".join(f"{x:.1e}" for x in med_err[:shown]),
+            f"  largest exponent per sequence: min {np.min(flat_e[:, 0]):+.4f}, "
+            f"max {np.max(flat_e[:, 0]):+.4f}",
+        ]
         return "\n".join(lines)
 
     def plot(self, *, ax=None, **kwargs):
@@ -79,63 +119,110 @@ def _qr_logs(A, rank_tol):
     Q, R = jnp.linalg.qr(A)
     d = jnp.abs(jnp.diagonal(R))
     scale = jnp.max(jnp.linalg.norm(A, axis=0))
-    d = jnp.where(d <= rank_tol * scale, jnp.zeros_like(d), d)
-    return Q, jnp.log(d)
+    zero = d <= rank_tol * scale
+    logs = jnp.log(jnp.where(zero, jnp.ones_like(d), d))  # no log(0) in the graph: finite gradients
+    return Q, jnp.where(zero, -jnp.inf, logs)
 
 
-def _benettin(apply, ops, Q0, *, frame_warmup, r, window, rank_tol):
-    """QR iteration over operands ``ops`` (pytree, leading axis time).
+def _compact(valid, ops):
+    """Move each sequence's valid steps to the front (time order kept); return
+    ``(ok (*batch, T) bool, ops)`` with ``ok[t] = t < number of valid steps``."""
+    if valid is None:
+        return None, ops
+    order = jnp.argsort(~valid, axis=-1, stable=True)  # valid steps first, in time order
+    n = jnp.sum(valid, axis=-1)
+    t = jnp.arange(valid.shape[-1]).reshape((1,) * n.ndim + (valid.shape[-1],))
+    ok = t < n[..., None]
 
-    Returns per-window sums of logs ``(num_windows, k)``.
+    def gather(a):
+        idx = order.reshape(order.shape + (1,) * (a.ndim - order.ndim))
+        return jnp.take_along_axis(a, idx, axis=order.ndim - 1)
+
+    return ok, jax.tree_util.tree_map(gather, ops)
+
+
+def _benettin(apply, ops, ok, Q0, *, frame_warmup, r, window, rank_tol):
+    """QR iteration over operands ``ops`` (pytree, leading axis time) with step flags ``ok``
+    (``(T,)`` bool, valid steps first; an invalid step leaves the frame as it is).
+
+    Returns ``(sums (num_windows, k), window_ok (num_windows,))``: per-window sums of logs and
+    whether the window is complete (all its steps valid).
     """
 
-    def one(Q, op):
-        return _qr_logs(apply(Q, op), rank_tol)[0], None
+    def push(A, op, o):
+        return jnp.where(o, apply(A, op), A)
+
+    def one(Q, x):
+        op, o = x
+        Q_new, _ = _qr_logs(push(Q, op, o), rank_tol)
+        return jnp.where(o, Q_new, Q), None
 
     tree = jax.tree_util.tree_map
     if frame_warmup:
-        Q0, _ = jax.lax.scan(one, Q0, tree(lambda a: a[:frame_warmup], ops))
-    T = jax.tree_util.tree_leaves(ops)[0].shape[0] - frame_warmup
+        Q0, _ = jax.lax.scan(one, Q0, (tree(lambda a: a[:frame_warmup], ops), ok[:frame_warmup]))
+    T = ok.shape[0] - frame_warmup
     nw = T // window
     used = nw * window
-    blocks = tree(
-        lambda a: a[frame_warmup : frame_warmup + used].reshape((nw, window // r, r) + a.shape[1:]), ops
-    )
 
-    def group(Q, ops_g):
-        def inner(A, op):
-            return apply(A, op), None
+    def blocks_of(a):
+        return a[frame_warmup : frame_warmup + used].reshape((nw, window // r, r) + a.shape[1:])
 
-        A, _ = jax.lax.scan(inner, Q, ops_g)
-        return _qr_logs(A, rank_tol)
+    blocks = tree(blocks_of, ops)
+    ok_b = blocks_of(ok)
 
-    def block(Q, ops_b):
-        Q, logs = jax.lax.scan(group, Q, ops_b)
+    def group(Q, x):
+        ops_g, ok_g = x
+
+        def inner(A, y):
+            op, o = y
+            return push(A, op, o), None
+
+        A, _ = jax.lax.scan(inner, Q, (ops_g, ok_g))
+        Q_new, logs = _qr_logs(A, rank_tol)
+        keep = ok_g[-1]  # valid steps come first: the group is complete iff its last step is
+        return jnp.where(keep, Q_new, Q), jnp.where(keep, logs, jnp.zeros_like(logs))
+
+    def block(Q, x):
+        Q, logs = jax.lax.scan(group, Q, x)
         return Q, jnp.sum(logs, axis=0)
 
-    _, sums = jax.lax.scan(block, Q0, blocks)
-    return sums
+    _, sums = jax.lax.scan(block, Q0, (blocks, ok_b))
+    return sums, ok_b[:, -1, -1]
 
 
-def _summarise(sums, window):
-    """``sums: (*batch, nw, k)`` -> LyapunovSpectrum fields (sorted)."""
-    nw = sums.shape[-2]
+def _summarise(sums, window_ok, window):
+    """``sums: (*batch, nw, k)``, ``window_ok: (*batch, nw)`` -> LyapunovSpectrum fields (sorted)."""
+    nw_b = jnp.sum(window_ok, axis=-1)  # (*batch,)
     ft = sums / window
-    expo = jnp.sum(sums, axis=-2) / (nw * window)
+    wok = window_ok[..., None]
+    n = nw_b[..., None].astype(ft.dtype)
+    expo = jnp.sum(jnp.where(wok, ft, jnp.zeros_like(ft)), axis=-2) / n  # NaN with no complete window
     order = jnp.argsort(-expo, axis=-1)
     expo = jnp.take_along_axis(expo, order, axis=-1)
     ft = jnp.take_along_axis(ft, order[..., None, :], axis=-1)
     finite = jnp.isfinite(expo)
-    if nw > 1:
-        ft_safe = jnp.where(finite[..., None, :], ft, jnp.zeros_like(ft))
-        err = jnp.std(ft_safe, axis=-2, ddof=1) / math.sqrt(nw)
-        err = jnp.where(finite, err, jnp.zeros_like(err))
-    else:
-        err = jnp.where(finite, jnp.full_like(expo, jnp.inf), jnp.zeros_like(expo))
-    return expo, err, ft
+    centred = jnp.where(wok & finite[..., None, :], ft - jnp.where(finite, expo, 0)[..., None, :], 0.0)
+    var = jnp.sum(centred**2, axis=-2) / jnp.maximum(n - 1, 1)
+    err = jnp.sqrt(var) / jnp.sqrt(jnp.maximum(n, 1))
+    err = jnp.where(n > 1, err, jnp.inf)
+    err = jnp.where(jnp.isneginf(expo), jnp.zeros_like(err), err)
+    err = jnp.where(jnp.isnan(expo), jnp.nan, err)
+    ft = jnp.where(wok, ft, jnp.nan)
+    return expo, err, ft, nw_b * window
 
 
-def _check_lyap_args(T, k, S, warmup, frame_warmup, reortho_every, window):
+def _available(valid, T, warmup, frame_warmup):
+    """Measured steps of the shortest sequence (concrete ``valid``), else ``T - warmups``."""
+    avail = T - warmup - frame_warmup
+    if valid is None or not _is_concrete(valid):
+        return avail, None
+    n = np.asarray(valid).sum(-1)
+    if n.size == 0:
+        return avail, None
+    return int(n.min()) - warmup - frame_warmup, n
+
+
+def _check_lyap_args(T, k, S, warmup, frame_warmup, reortho_every, window, valid=None):
     if not isinstance(reortho_every, (int, np.integer)) or reortho_every < 1:
         raise ValueError(f"reortho_every must be a positive integer, got {reortho_every!r}.")
     if warmup < 0 or frame_warmup < 0:
@@ -143,19 +230,25 @@ def _check_lyap_args(T, k, S, warmup, frame_warmup, reortho_every, window):
     k = S if k is None else int(k)
     if not 1 <= k <= S:
         raise ValueError(f"k must lie in [1, S={S}] (S is the flattened state size), got {k}.")
-    avail = T - warmup - frame_warmup
+    avail, counts = _available(valid, T, warmup, frame_warmup)
+    shortest = (
+        None if counts is None else tuple(int(i) for i in np.unravel_index(counts.argmin(), counts.shape))
+    )
+    what = "the sequence has" if counts is None else f"the shortest sequence (index {shortest}) has"
+    n_have = T if counts is None else int(counts.min())
     if avail < reortho_every:
         raise ValueError(
-            f"the sequence has T={T} steps but warmup={warmup} + frame_warmup={frame_warmup} leave {avail}, "
-            f"fewer than reortho_every={reortho_every}; pass a longer xs."
+            f"{what} {n_have} steps but warmup={warmup} + frame_warmup={frame_warmup} leave {avail}, "
+            f"fewer than reortho_every={reortho_every}; pass longer sequences."
         )
     if window is None:
         window = max(reortho_every, (avail // 10) // reortho_every * reortho_every)
     window = int(window)
     if window < 1 or window % reortho_every or window > avail:
+        where = "" if counts is None else f" of the shortest sequence (index {shortest})"
         raise ValueError(
             f"window must be a positive multiple of reortho_every={reortho_every} and at most the {avail} "
-            f"measured steps, got {window}."
+            f"measured steps{where}, got {window}."
         )
     return k, window
 
@@ -173,10 +266,39 @@ def _default_tol(dtype, S):
     return float(S * np.finfo(np.dtype(dtype)).eps)
 
 
+_STATIC = ("frame_warmup", "r", "window")
+
+
+def _run(apply, ops, valid, Q0, tol, warmup, frame_warmup, r, window, nlead):
+    """Compact, drop ``warmup`` steps, QR-iterate each sequence and summarise."""
+    ok, ops = _compact(valid, ops)
+    T = jax.tree_util.tree_leaves(ops)[0].shape[nlead]
+    if ok is None:
+        ok = jnp.ones(tuple(jax.tree_util.tree_leaves(ops)[0].shape[:nlead]) + (T,), bool)
+    ops = jax.tree_util.tree_map(lambda a: jax.lax.slice_in_dim(a, warmup, T, axis=nlead), ops)
+    ok = ok[..., warmup:]
+
+    def single(ops_b, ok_b):
+        return _benettin(apply, ops_b, ok_b, Q0, frame_warmup=frame_warmup, r=r, window=window, rank_tol=tol)
+
+    sums, window_ok = _vmap_lead(single, nlead)(ops, ok)
+    return _summarise(sums, window_ok, window)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _from_jacobians_core(J, valid, Q0, tol, *, frame_warmup, r, window):
+    def apply(Q, Jt):
+        return Jt @ Q
+
+    return _run(apply, J, valid, Q0, tol, 0, frame_warmup, r, window, J.ndim - 3)
+
+
 def lyapunov_from_jacobians(
     jacobians: jax.Array,
     *,
     k: int | None = None,
+    lengths: Any = None,
+    mask: Any = None,
     frame_warmup: int = 0,
     reortho_every: int = 1,
     window: int | None = None,
@@ -189,7 +311,9 @@ def lyapunov_from_jacobians(
     See ``lyapunov_spectrum`` for the method; this variant takes the Jacobians
     ``(*batch, T, S, S)`` directly (e.g. from ``step_jacobians`` or any linear
     time-varying system ``s_t = J_t s_{t-1}``). Arguments as there; ``jacobians``:
-    ``(*batch, T, S, S)`` in time order.
+    ``(*batch, T, S, S)`` in time order; ``lengths`` ``(*batch,)`` or ``mask`` ``(*batch, T)``
+    select the steps of each sequence that count (the others are skipped, whatever their
+    Jacobian). Compiled once per shapes and static options.
 
     Returns:
       ``LyapunovSpectrum``.
@@ -204,34 +328,107 @@ def lyapunov_from_jacobians(
     J = jnp.asarray(jacobians)
     if J.ndim < 3 or J.shape[-1] != J.shape[-2]:
         raise ValueError(f"jacobians must be (*batch, T, S, S), got shape {tuple(J.shape)}.")
+    if not jnp.issubdtype(J.dtype, jnp.floating):
+        J = J.astype(jnp.result_type(float))
+    if frame is not None:  # the dtype rule: a float64 frame promotes float32 Jacobians
+        J = J.astype(jnp.result_type(J.dtype, jnp.asarray(frame).dtype))
     T, S = J.shape[-3], J.shape[-1]
+    valid = _valid_steps(lengths, mask, J[..., 0])
     if frame is not None and k is None:
         k = int(np.shape(frame)[-1])
-    k, window = _check_lyap_args(T, k, S, 0, frame_warmup, reortho_every, window)
+    k, window = _check_lyap_args(T, k, S, 0, frame_warmup, reortho_every, window, valid)
     tol = _default_tol(J.dtype, S) if rank_tol is None else float(rank_tol)
     Q0 = _initial_frame(key, frame, S, k, J.dtype)
-
-    def single(Js):
-        return _benettin(
-            lambda Q, Jt: Jt @ Q,
-            Js,
-            Q0,
-            frame_warmup=frame_warmup,
-            r=reortho_every,
-            window=window,
-            rank_tol=tol,
-        )
-
-    e, err, ft = jax.jit(lambda J: _summarise(_vmap_lead(single, J.ndim - 3)(J), window))(J)
-    return LyapunovSpectrum(e, err, ft, window, ft.shape[-2] * window)
+    e, err, ft, steps = _from_jacobians_core(
+        J,
+        valid,
+        Q0,
+        jnp.asarray(tol, J.dtype),
+        frame_warmup=int(frame_warmup),
+        r=int(reortho_every),
+        window=window,
+    )
+    return LyapunovSpectrum(e, err, ft, steps, window)
 
 
+@functools.partial(jax.jit, static_argnames=("cell", "method", "matrix_free", "warmup", *_STATIC))
+def _spectrum_core(
+    cell, params, xs_bm, carry, valid, Q0, tol, *, method, matrix_free, warmup, frame_warmup, r, window
+):
+    """The compiled body of ``lyapunov_spectrum`` (one cache entry per cell, options, shapes)."""
+    prev, _ = _trajectory(cell, params, xs_bm, carry, valid)
+    if matrix_free:
+        f = _flat_step(cell, params, _like(cell, params))
+
+        def apply(Q, op):
+            s, x = op
+            _, lin = jax.linearize(lambda v: f(v, x), s)
+            return jax.vmap(lin, in_axes=1, out_axes=1)(Q)
+
+    else:
+        jac = _jacobian_fn(cell, params, method)
+
+        def apply(Q, op):
+            s, x = op
+            return jac(s, x) @ Q
+
+    return _run(apply, (prev, xs_bm), valid, Q0, tol, warmup, frame_warmup, r, window, xs_bm.ndim - 2)
+
+
+@overload
 def lyapunov_spectrum(
     cell: Cell,
     params: Any,
-    xs: jax.Array,
+    xs: Any,
+    *,
+    carry: Any = ...,
+    lengths: Any = ...,
+    mask: Any = ...,
+    k: int | None = ...,
+    warmup: int = ...,
+    frame_warmup: int = ...,
+    reortho_every: int = ...,
+    window: int | None = ...,
+    matrix_free: bool = ...,
+    method: str = ...,
+    rank_tol: float | None = ...,
+    key: jax.Array | None = ...,
+    frame: jax.Array | None = ...,
+    time_axis: int = ...,
+) -> LyapunovSpectrum: ...
+
+
+@overload
+def lyapunov_spectrum(
+    cell: object,
+    params: Any,
+    xs: Any,
+    *,
+    carry: Any = ...,
+    lengths: Any = ...,
+    mask: Any = ...,
+    k: int | None = ...,
+    warmup: int = ...,
+    frame_warmup: int = ...,
+    reortho_every: int = ...,
+    window: int | None = ...,
+    matrix_free: bool = ...,
+    method: str = ...,
+    rank_tol: float | None = ...,
+    key: jax.Array | None = ...,
+    frame: jax.Array | None = ...,
+    time_axis: int = ...,
+) -> dict[str, LyapunovSpectrum]: ...
+
+
+def lyapunov_spectrum(
+    cell: Cell | Any,
+    params: Any,
+    xs: Any,
     *,
     carry: Any = None,
+    lengths: Any = None,
+    mask: Any = None,
     k: int | None = None,
     warmup: int = 0,
     frame_warmup: int = 0,
@@ -243,7 +440,7 @@ def lyapunov_spectrum(
     key: jax.Array | None = None,
     frame: jax.Array | None = None,
     time_axis: int = -2,
-) -> LyapunovSpectrum:
+) -> LyapunovSpectrum | dict[str, LyapunovSpectrum]:
     r"""Lyapunov exponents of a cell driven by inputs ``xs``, by the QR (Benettin) method.
 
     With ``Q_0`` a random orthonormal ``S x k`` frame, iterate
@@ -266,6 +463,18 @@ def lyapunov_spectrum(
     finite-time exponents and the standard error. Trailing steps that do not fill a window
     are dropped.
 
+    Padded data: with ``lengths`` (or ``mask``) each sequence's exponents come from its own
+    valid steps only: ``warmup``, ``frame_warmup`` and the windows count that sequence's
+    valid steps, a sequence averages over its own complete windows (``steps`` per sequence),
+    and the default ``window`` is a tenth of the shortest sequence's measured steps. The
+    same numbers as slicing each sequence by hand and calling this function on it.
+
+    Speed and transformations: the work is one ``jax.jit`` with the cell and the integer
+    options static (cells compare by value, so a cell rebuilt for each checkpoint of a sweep
+    hits the cache; new params of the same shapes never recompile). The result is a pytree:
+    the call works inside a user's ``jit`` and ``vmap``, and ``jax.grad`` flows through it
+    (QR is differentiable; gradient flossing differentiates ``exponents``).
+
     Rank deficiency: a diagonal entry with ``|R_ii| <= rank_tol * max_j ||A[:, j]||`` (``A`` the
     matrix being factorised) counts as an exact zero, as ``numpy.linalg.matrix_rank`` decides
     numerical rank; its log is ``-inf`` and so is the exponent (never NaN). Default
@@ -278,10 +487,13 @@ def lyapunov_spectrum(
     ``H = 4096`` for modest ``k``.
 
     Args:
-      cell: any ``Cell``.
+      cell: any ``Cell``, or a whole model (``many_to_one``, ``encoder_decoder``, a layer, an
+        NNX module; see ``seqjax.spectrum.recurrent_cores``): then a dict, one spectrum per core.
       params: its params.
       xs: ``(*batch, T, I)`` (or time at ``time_axis``); one spectrum per sequence.
       carry: initial carry ``(*batch, ...)``; default ``cell.initial_carry``.
+      lengths: ``(*batch,)`` valid steps of each sequence (padded data), or ``None``.
+      mask: ``(*batch, T)`` bool (laid out like ``xs`` without features): the steps read.
       k: number of exponents (default all ``S``).
       warmup: steps of the trajectory discarded before the frame starts.
       frame_warmup: steps the frame evolves before logs are recorded.
@@ -297,7 +509,7 @@ def lyapunov_spectrum(
       time_axis: time axis of ``xs``.
 
     Returns:
-      ``LyapunovSpectrum(exponents (*batch, k), stderr, finite_time (*batch, nw, k), window, steps)``.
+      ``LyapunovSpectrum(exponents (*batch, k), stderr, finite_time (*batch, nw, k), steps, window)``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, seqjax
@@ -313,13 +525,39 @@ def lyapunov_spectrum(
 
     References: Benettin et al. (1980); Eckmann & Ruelle (1985); Engelken, Wolf & Abbott (2020).
     """
+    if not isinstance(cell, Cell):
+        return _for_model(
+            lyapunov_spectrum,
+            cell,
+            params,
+            xs,
+            carry,
+            lengths,
+            mask,
+            time_axis,
+            k=k,
+            warmup=warmup,
+            frame_warmup=frame_warmup,
+            reortho_every=reortho_every,
+            window=window,
+            matrix_free=matrix_free,
+            method=method,
+            rank_tol=rank_tol,
+            key=key,
+            frame=frame,
+        )
+    xs = jnp.asarray(xs)
     xs_bm = _batch_major(xs, time_axis)
+    valid = _valid_steps(lengths, _mask_batch_major(mask, xs, time_axis), xs_bm)
+    if frame is not None:  # the dtype rule: a float64 frame promotes a float32 cell and inputs
+        dtype = compute_dtype(params, xs_bm, carry, frame)
+        params, xs_bm, carry = cast_floating((params, xs_bm, carry), dtype)
     params, xs_bm, carry, _ = promote(params, xs_bm, carry)
     T = xs_bm.shape[-2]
     S = state_size(cell, params)
     if frame is not None and k is None:
         k = int(np.shape(frame)[-1])
-    k, window = _check_lyap_args(T, k, S, warmup, frame_warmup, reortho_every, window)
+    k, window = _check_lyap_args(T, k, S, warmup, frame_warmup, reortho_every, window, valid)
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(_like(cell, params)))
     tol = _default_tol(dtype, S) if rank_tol is None else float(rank_tol)
     Q0 = _initial_frame(key, frame, S, k, dtype)
@@ -327,32 +565,19 @@ def lyapunov_spectrum(
         _jacobian_fn(cell, params, method)  # raise outside jit when there is no closed form
     elif method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
-
-    def core(params, xs_bm, carry, Q0):
-        prev, _ = _trajectory(cell, params, xs_bm, carry)
-        xs_w = xs_bm[..., warmup:, :]
-        prev_w = prev[..., warmup:, :]
-        if matrix_free:
-            f = _flat_step(cell, params, _like(cell, params))
-
-            def apply(Q, op):
-                s, x = op
-                _, lin = jax.linearize(lambda v: f(v, x), s)
-                return jax.vmap(lin, in_axes=1, out_axes=1)(Q)
-
-        else:
-            jac = _jacobian_fn(cell, params, method)
-
-            def apply(Q, op):
-                s, x = op
-                return jac(s, x) @ Q
-
-        def single(p, x):
-            return _benettin(
-                apply, (p, x), Q0, frame_warmup=frame_warmup, r=reortho_every, window=window, rank_tol=tol
-            )
-
-        return _summarise(_vmap_lead(single, xs_bm.ndim - 2)(prev_w, xs_w), window)
-
-    e, err, ft = jax.jit(core)(params, xs_bm, carry, Q0)
-    return LyapunovSpectrum(e, err, ft, window, ft.shape[-2] * window)
+    e, err, ft, steps = _spectrum_core(
+        cell,
+        params,
+        xs_bm,
+        carry,
+        valid,
+        Q0,
+        jnp.asarray(tol, dtype),
+        method=method,
+        matrix_free=bool(matrix_free),
+        warmup=int(warmup),
+        frame_warmup=int(frame_warmup),
+        r=int(reortho_every),
+        window=window,
+    )
+    return LyapunovSpectrum(e, err, ft, steps, window)

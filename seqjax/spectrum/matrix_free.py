@@ -7,6 +7,7 @@ Arnoldi iteration for the eigenvalues of largest modulus.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -17,7 +18,7 @@ from seqjax.cells import Cell
 from seqjax.spectrum.jacobians import _check_single
 from seqjax.spectrum.linalg import eigvals
 from seqjax.spectrum.products import _random_frame, _safe_normalise
-from seqjax.spectrum.state import _flat_step, _like, flatten_state
+from seqjax.spectrum.state import _flat_step, _like, flatten_state, state_size
 
 __all__ = [
     "top_singular_values",
@@ -25,9 +26,13 @@ __all__ = [
 ]
 
 
-def _single_linear(cell, params, carry, x_t):
+def _prepare(cell, params, carry, x_t):
     x_t = _check_single(cell, params, carry, x_t)
     params, x_t, carry, _ = promote(params, x_t, carry)
+    return params, carry, x_t
+
+
+def _single_linear(cell, params, carry, x_t):
     f = _flat_step(cell, params, _like(cell, params))
     s = flatten_state(carry)
     _, lin = jax.linearize(lambda v: f(v, x_t), s)
@@ -63,14 +68,22 @@ def top_singular_values(
     Returns:
       ``(k,)`` decreasing.
     """
-    s, lin = _single_linear(cell, params, carry, x_t)
-    S = s.shape[0]
+    params, carry, x_t = _prepare(cell, params, carry, x_t)
+    S = state_size(cell, params)
     if not 1 <= k <= S:
         raise ValueError(f"k must lie in [1, S={S}], got {k}.")
+    key = jax.random.key(0) if key is None else key
+    return _top_sv_core(cell, params, carry, x_t, key, k=int(k), iters=int(iters))
+
+
+@functools.partial(jax.jit, static_argnames=("cell", "k", "iters"))
+def _top_sv_core(cell, params, carry, x_t, key, *, k, iters):
+    s, lin = _single_linear(cell, params, carry, x_t)
+    S = s.shape[0]
     lin_t = jax.linear_transpose(lin, s)
     mv = jax.vmap(lin, in_axes=1, out_axes=1)
     rmv = jax.vmap(lambda u: lin_t(u)[0], in_axes=1, out_axes=1)
-    V0 = _random_frame(jax.random.key(0) if key is None else key, S, k, s.dtype)
+    V0 = _random_frame(key, S, k, s.dtype)
 
     def body(_, V):
         return jnp.linalg.qr(rmv(mv(V)))[0]
@@ -111,12 +124,19 @@ def top_eigenvalues(
     Returns:
       complex ``(k,)`` sorted by decreasing modulus.
     """
-    s, lin = _single_linear(cell, params, carry, x_t)
-    S = s.shape[0]
+    params, carry, x_t = _prepare(cell, params, carry, x_t)
+    S = state_size(cell, params)
     m = min(S, max(2 * k + 20, 40)) if krylov_dim is None else int(krylov_dim)
     if not 1 <= k <= m <= S:
         raise ValueError(f"need 1 <= k <= krylov_dim <= S={S}, got k={k}, krylov_dim={m}.")
     key = jax.random.key(0) if key is None else key
+    return _top_eig_core(cell, params, carry, x_t, key, k=int(k), m=m, host=host)
+
+
+@functools.partial(jax.jit, static_argnames=("cell", "k", "m", "host"))
+def _top_eig_core(cell, params, carry, x_t, key, *, k, m, host):
+    s, lin = _single_linear(cell, params, carry, x_t)
+    S = s.shape[0]
     v0 = jax.random.normal(key, (S,), jnp.float32).astype(s.dtype)
     v0 = v0 / jnp.linalg.norm(v0)
     V = jnp.zeros((m + 1, S), s.dtype).at[0].set(v0)

@@ -99,6 +99,52 @@ def _flat_step(cell: Cell, params: Any, like: Any) -> Callable[[jax.Array, jax.A
     return f
 
 
+def _valid_steps(lengths: Any, mask: Any, xs_bm: jax.Array) -> jax.Array | None:
+    """``(*batch, T)`` bool, true at the steps a sequence reads (``t < lengths`` and ``mask``),
+    or ``None`` when neither is given. Checked as ``unroll`` checks them (shape, dtype, range)."""
+    if lengths is None and mask is None:
+        return None
+    from seqjax.unroll import _check_flags, _check_lengths, sequence_mask
+
+    batch, T = tuple(xs_bm.shape[:-2]), int(xs_bm.shape[-2])
+    valid = jnp.ones(batch + (T,), bool)
+    if lengths is not None:
+        valid = valid & sequence_mask(_check_lengths(lengths, batch, T), T)
+    if mask is not None:
+        valid = valid & _check_flags(mask, "mask", batch + (T,))
+    return valid
+
+
+def _mask_batch_major(mask: Any, xs: jax.Array, time_axis: int) -> Any:
+    """``mask`` laid out like ``xs`` without features, moved to batch-major ``(*batch, T)``."""
+    if mask is None:
+        return None
+    from seqjax._scan import time_axis_of
+
+    ta = time_axis_of(time_axis, xs.ndim, name=f"xs of shape {tuple(xs.shape)}")
+    mask = jnp.asarray(mask)
+    if mask.ndim != xs.ndim - 1:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but needs xs.shape[:-1] = {tuple(xs.shape[:-1])} "
+            "(one flag per sequence and step)."
+        )
+    return jnp.moveaxis(mask, ta, -1)
+
+
+def _for_model(fn, model, params, xs, carry, lengths, mask, time_axis, **kwargs):
+    """``fn`` over the recurrent cores of a whole model (``seqjax.spectrum.recurrent_cores``):
+    ``{core name: fn(core.cell, core.params, core.xs, carry=core.carry, lengths=core.lengths, ...)}``."""
+    from seqjax.spectrum.models import over_cores
+
+    if carry is not None or mask is not None:
+        raise ValueError(
+            f"{fn.__name__}: carry= and mask= are for a single Cell; a whole model "
+            f"({type(model).__name__}) sets each core's initial carry itself and takes lengths= for "
+            "padded data. Analyse a core directly (seqjax.spectrum.recurrent_cores) to give them."
+        )
+    return over_cores(fn, model, params, xs, lengths=lengths, time_axis=time_axis, **kwargs)
+
+
 def _vmap_lead(fn, nlead):
     for _ in range(nlead):
         fn = jax.vmap(fn)
