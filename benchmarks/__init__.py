@@ -22,11 +22,14 @@ Sub-suites (modules of this package):
   rematerialisation, beside PyTorch.
 - ``spectrum``: step Jacobians and Lyapunov spectra against what a user would write.
 - ``tasks``: adding / copy problems and real-data tasks, with the Jacobian story.
+- ``analysis``: per-call time of the analysis functions (Lyapunov spectrum, step Jacobians,
+  gradient norms, gradient-flow report) over a sweep of checkpoints, eager against one user
+  ``jax.jit``.
 """
 
 __all__ = ["SUITES", "main"]
 
-SUITES = ("speed", "profile", "memory", "spectrum", "tasks")
+SUITES = ("speed", "profile", "memory", "spectrum", "tasks", "analysis")
 
 
 def main(argv=None) -> int:

@@ -2,8 +2,8 @@
 
 ``python -m benchmarks [SUITE ...] [--quick | --tiny] [--plot] [--out DIR]``
 
-- ``SUITE``: any of ``speed``, ``profile``, ``memory``, ``spectrum``, ``tasks`` (default: all,
-  in that order).
+- ``SUITE``: any of ``speed``, ``profile``, ``memory``, ``spectrum``, ``tasks``, ``analysis``
+  (default: all, in that order).
 - ``--quick``: smaller configurations and fewer repetitions (a few minutes on 2 cores).
 - ``--tiny``: toy sizes, for the test suite only (numbers mean nothing).
 - ``--plot``: also draw PNG figures (needs matplotlib).
@@ -13,6 +13,8 @@
   run alone).
 - ``--only TASK[:T][:CELL]`` (tasks suite, repeatable): run only the matching jobs, e.g.
   ``--only adding:200`` or ``--only copy:lstm``.
+- ``--baseline PATH`` (analysis suite): an earlier ``analysis.json`` (e.g. the "before" run)
+  whose rows are kept in the new result and printed beside the new ones.
 
 A long tasks run writes its files after every finished job, marked ``"partial"``, so a run that
 is stopped keeps what it did.
@@ -51,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="TASK[:T][:CELL]",
         help="tasks suite: run only these jobs (repeatable), e.g. adding:200 or copy:lstm",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="analysis suite: an earlier analysis.json to print beside this run (before/after)",
     )
     return p
 
@@ -141,6 +148,14 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(str(e))
         task_opts = {"jobs": args.jobs, "only": args.only}
+    if args.baseline is not None:
+        if "analysis" not in args.suites:
+            parser.error(
+                "--baseline applies to the analysis suite: name it, e.g. `python -m benchmarks analysis`"
+            )
+        if not os.path.isfile(args.baseline):
+            parser.error(f"--baseline {args.baseline}: no such file")
+    suite_opts = {"tasks": task_opts, "analysis": {"baseline": args.baseline} if args.baseline else {}}
     os.makedirs(args.out, exist_ok=True)
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     failed = False
@@ -157,7 +172,7 @@ def main(argv=None) -> int:
             plot=args.plot,
             command=command.strip(),
             log=log,
-            options=task_opts if name == "tasks" else None,
+            options=suite_opts.get(name),
         )
         failed |= "error" in res
     return 1 if failed else 0

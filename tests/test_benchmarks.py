@@ -227,6 +227,46 @@ def test_cli_task_options_errors(capsys):
     assert "--jobs must be between 1" in capsys.readouterr().err
 
 
+def test_analysis_suite_smoke(tmp_path, capsys, monkeypatch):
+    # The checkpoint-sweep suite end to end at toy sizes on one real function (the cheapest to
+    # compile; all four run in the slow end-to-end test): rows, ratio, checks, the JSON/Markdown
+    # files, and the rendering of a run with a --baseline. Then the n/a path of a peer that
+    # cannot be jitted, with a stand-in that returns a host float.
+    from benchmarks import analysis
+    from benchmarks.cli import main, run_suite
+
+    fns = ("step_jacobians",)
+    out = tmp_path / "r"
+    res = run_suite("analysis", "tiny", str(out), log=lambda m: None, options={"functions": fns})
+    assert "error" not in res, res.get("traceback")
+    d = _strict_load(out / "analysis.json")
+    n = analysis.settings("tiny")["checkpoints"]
+    rows = {(r["function"], r["impl"]): r for r in d["rows"]}
+    assert set(rows) == {(f, w) for f in fns for w in (analysis.EAGER, analysis.JIT)}
+    e, j = rows[("step_jacobians", analysis.EAGER)], rows[("step_jacobians", analysis.JIT)]
+    assert len(e["all_times_s"]) == len(j["all_times_s"]) == n and e["reps"] == j["reps"] == n - 1
+    assert e["ratio_median"] == pytest.approx(e["median_s"] / j["median_s"])
+    assert all(c["ok"] for c in d["checks"]) and len(d["checks"]) == 2
+    assert d["source"]["commit"] == d["machine"]["git_commit"]
+    md = (out / "analysis.md").read_text()
+    assert "|---" in md and d["source"]["commit"] in md
+    # --baseline: the earlier run's rows stored in the new result, both printed
+    md2 = analysis.to_markdown(dict(d, baseline=analysis._load_baseline(str(out / "analysis.json"))))
+    assert "before / after" in md2 and md2.count("`step_jacobians` | before") == 1
+    assert md2.count("`step_jacobians` | after") == 1
+    with pytest.raises(SystemExit):
+        main(["speed", "--tiny", "--baseline", str(out / "analysis.json")])
+    assert "applies to the analysis suite" in capsys.readouterr().err
+
+    monkeypatch.setattr(
+        analysis, "_calls", lambda spec: {"gradient_flow_report": lambda c, p, x: float(x.sum())}
+    )
+    res = analysis.run("tiny", log=lambda m: None, functions=("gradient_flow_report",))
+    j = next(r for r in res["rows"] if r["impl"] == analysis.JIT)
+    assert j["unavailable"] == "ConcretizationTypeError" and j["ratio_median"] is None
+    assert "n/a (ConcretizationTypeError)" in analysis.to_markdown(res)
+
+
 @pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_task_suite_only_and_checkpoint(monkeypatch):
     # The bookkeeping of a tasks run, with the training replaced by a stub that records the
@@ -319,7 +359,7 @@ def test_suite_end_to_end_tiny(tmp_path):
         timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for suite in ("speed", "profile", "memory", "spectrum", "tasks"):
+    for suite in ("speed", "profile", "memory", "spectrum", "tasks", "analysis"):
         d = _strict_load(out / f"{suite}.json")
         assert d["suite"] == suite and d["mode"] == "tiny" and "error" not in d
         m = d["machine"]
