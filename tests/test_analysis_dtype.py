@@ -491,6 +491,10 @@ def _cell_params():
         for cname in CELLS:
             for pdt in (F32, F64):
                 for xdt in (F32, F64):
+                    # the LSTM only (its two-leaf carry is the harder case), and no float32 x float32
+                    # (no promotion there): left out to keep .ci/run within its 15 minutes
+                    if cname == "rnn" or (pdt, xdt) == (F32, F32):
+                        continue
                     slow = cname == "rnn" or xdt == F32
                     out.append(
                         pytest.param(
