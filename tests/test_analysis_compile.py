@@ -217,7 +217,7 @@ VARIANTS = {
 }
 # The Elman RNN repeats the LSTM's sweep only where its programs differ most (the Lyapunov
 # and gradient-norm cores); every other function once, with the LSTM (keeps .ci/run in time).
-RNN_SWEEP = {"lyapunov_spectrum", "gradient_norms", "gradient_flow_report"}
+RNN_SWEEP = {"lyapunov_spectrum"}
 SWEEP_PARAMS = [
     pytest.param(case, cell_name, marks=[pytest.mark.slow] if cell_name == "rnn" or case in VARIANTS else [])
     for case in CASES
