@@ -377,8 +377,9 @@ def gradient_flow_report(
     the verdict follows from the interval (see ``GradientFlowReport``). Also the Pascanu
     bound ``||J_t|| <= sigma_max(W_h) gamma`` for cells with a ``jacobian_bound`` and the
     per-gate ``sigma_max`` and spectral radius for cells with ``recurrent_blocks``. Memory
-    ``O(B T S^2)``: meant for small and medium ``S``. Compiled once per cell, settings and
-    shapes; transparent to ``jit``.
+    ``O(B T S^2)``: meant for small and medium ``S``. Compiled once per cell, ``window``,
+    ``frame_warmup`` and shapes (``tol``, ``margin``, ``confidence`` and ``min_steps`` are
+    traced: changing them does not recompile); transparent to ``jit``.
 
     Args:
       cell: any ``Cell``, or a whole model (see ``seqjax.spectrum.recurrent_cores``): then a
