@@ -25,11 +25,13 @@ Sub-suites (modules of this package):
 - ``analysis``: per-call time of the analysis functions (Lyapunov spectrum, step Jacobians,
   gradient norms, gradient-flow report) over a sweep of checkpoints, eager against one user
   ``jax.jit``.
+- ``checks``: the cost of the opt-in in-graph ``lengths`` check (``seqjax.unroll.checked``)
+  of a jitted LSTM unroll and a ``value_and_grad`` step, against the unchecked default.
 """
 
 __all__ = ["SUITES", "main"]
 
-SUITES = ("speed", "profile", "memory", "spectrum", "tasks", "analysis")
+SUITES = ("speed", "profile", "memory", "spectrum", "tasks", "analysis", "checks")
 
 
 def main(argv=None) -> int:

@@ -7,15 +7,23 @@ is walked (variable lengths, masks, resets at episode boundaries, reversal) live
 every cell, a user's own included, gets all of it. How gradients are computed is the
 ``gradient=`` strategy (``seqjax.gradients``); how the time axis is solved is the
 ``solver=`` (``seqjax.solvers``). Dropout is a cell transformation (``seqjax.cells.dropout``).
+
+Argument checks: shapes, dtypes and trees are static and always checked at trace time;
+``lengths`` values are checked on the host when concrete and, when traced, by a
+``checkify.debug_check`` that compiles to nothing unless the caller opts in with
+``checked(fn)`` (``jax.experimental.checkify``).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from seqjax import gradients as _gradients
 from seqjax import solvers as _solvers
@@ -31,6 +39,7 @@ __all__ = [
     "sequence_mask",
     "check_params",
     "check_carry",
+    "checked",
 ]
 
 
@@ -132,6 +141,10 @@ def check_carry(
 def sequence_mask(lengths: jax.Array, max_len: int, *, time_axis: int = -1) -> jax.Array:
     """Boolean mask ``(*batch, max_len)``: ``mask[..., t] = t < lengths[...]``.
 
+    A plain comparison, defined for any integer: lengths are not checked here (a length
+    above ``max_len`` gives an all-true row, a negative one an all-false row); ``unroll``
+    checks the lengths it is given.
+
     Args:
       lengths: integer array ``(*batch,)``.
       max_len: ``T``.
@@ -150,21 +163,73 @@ def _is_concrete(x) -> bool:
         return False
 
 
-def _check_lengths(lengths, batch_shape, T):
+def _first_bad(bad: np.ndarray) -> tuple[int, ...]:
+    """The index (a tuple) of the first true entry of ``bad`` in C order."""
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad.ravel())), bad.shape))
+
+
+def _index_str(name: str, index: tuple) -> str:
+    return f"{name}[{', '.join(str(i) for i in index)}]" if index else name
+
+
+def _debug_check_range(lengths: jax.Array, T: int, name: str) -> None:
+    """In-graph check of ``0 <= lengths <= T`` for traced lengths: a
+    ``checkify.debug_check``, a no-op (nothing is lowered, no host callback) unless the
+    caller's function is transformed by ``checkify.checkify`` (``checked``).
+
+    The first bad index and value are found with elementwise operations and reductions only
+    (no reshape, gather or dynamic slice), so lengths sharded over the batch trace as they
+    are."""
+    if lengths.size == 0:
+        return
+    shape = lengths.shape
+    strides = [int(np.prod(shape[d + 1 :], dtype=np.int64)) for d in range(len(shape))]
+    sharding = jax.typeof(lengths).sharding  # the iotas are laid out as lengths is
+    pos = jnp.zeros_like(lengths, jnp.int32)  # the C-order position of every entry
+    for d, stride in enumerate(strides):
+        pos = pos + jax.lax.broadcasted_iota(jnp.int32, shape, d, out_sharding=sharding) * stride
+    bad = (lengths < 0) | (lengths > T)
+    first = jnp.min(jnp.where(bad, pos, lengths.size))
+    value = jnp.sum(jnp.where(pos == first, lengths, jnp.zeros_like(lengths)))
+    index = [first // stride % n for stride, n in zip(strides, shape)]
+    where = f"{name}[{', '.join('{}' for _ in index)}]" if index else name
+    checkify.debug_check(
+        jnp.logical_not(jnp.any(bad)),
+        f"{name} must lie in [0, T={T}] (T is the size of the time axis of xs), got {where} = {{}} "
+        f"(checked in the graph by checkify).",
+        *index,
+        value,
+    )
+
+
+def _check_lengths(lengths, batch_shape, T, *, name: str = "lengths"):
+    """``lengths`` as an integer array of ``batch_shape`` whose values lie in ``[0, T]``.
+
+    Shape and dtype are static and always checked. Values are checked on the host when
+    ``lengths`` is concrete (eager calls, constants under ``jit``: ``ValueError`` naming
+    the first bad index and value); when it is traced, an in-graph ``checkify.debug_check``
+    does the same, and costs nothing unless the caller opts in with ``checkify``."""
     lengths = jnp.asarray(lengths)
     if tuple(lengths.shape) != tuple(batch_shape):
         raise ValueError(
-            f"lengths has shape {tuple(lengths.shape)} but needs the batch shape of xs, {tuple(batch_shape)}."
+            f"{name} has shape {tuple(lengths.shape)} but needs the batch shape of xs, {tuple(batch_shape)}."
         )
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}.")
-    if _is_concrete(lengths) and lengths.size:
-        lo, hi = int(np.min(np.asarray(lengths))), int(np.max(np.asarray(lengths)))
-        if lo < 0 or hi > T:
+        raise ValueError(f"{name} must be integers, got dtype {lengths.dtype}.")
+    if not lengths.size:
+        return lengths
+    if _is_concrete(lengths):
+        host = np.asarray(lengths)
+        bad = (host < 0) | (host > T)
+        if bad.any():
+            index = _first_bad(bad)
             raise ValueError(
-                f"lengths must lie in [0, T={T}] (T is the size of the time axis of xs), "
-                f"got values from {lo} to {hi}."
+                f"{name} must lie in [0, T={T}] (T is the size of the time axis of xs), got values "
+                f"from {int(host.min())} to {int(host.max())}: {_index_str(name, index)} = "
+                f"{int(host[index])} is the first outside ({int(bad.sum())} of {bad.size})."
             )
+    else:
+        _debug_check_range(lengths, T, name)
     return lengths
 
 
@@ -445,7 +510,10 @@ def unroll(
       params: the cell's params; checked against ``cell.init`` (tree and shapes).
       xs: inputs, features last.
       carry: initial carry with leaves ``(*batch, ...)``; default ``cell.initial_carry``.
-      lengths: integer ``(*batch,)`` in ``[0, T]``.
+      lengths: integer ``(*batch,)`` in ``[0, T]``. Checked on the host when concrete
+        (eager calls); when traced (under ``jit``) only by an opt-in in-graph check
+        (``checked``), and otherwise a length above ``T`` runs as ``T`` and a negative one as
+        ``0``.
       mask: boolean ``(*batch, T)`` (layout of ``xs`` without the feature axis).
       resets: boolean ``(*batch, T)``.
       reverse: scan from the last step to the first; outputs stay in input order.
@@ -467,8 +535,10 @@ def unroll(
     Raises:
       ValueError: at trace time, for params that do not fit the cell or ``xs``, a carry of
         the wrong tree/shape/dtype, ``lengths``/``mask``/``resets`` of the wrong shape or
-        (when concrete) lengths outside ``[0, T]``, a bad ``time_axis``, or a ``Fused()``
-        gradient the cell's kernel cannot serve (the message says why).
+        (when concrete) lengths outside ``[0, T]`` (naming the first bad index and value), a
+        bad ``time_axis``, or a ``Fused()`` gradient the cell's kernel cannot serve (the
+        message says why). Traced lengths outside ``[0, T]`` raise only under ``checked`` /
+        ``checkify.checkify`` (``checkify.JaxRuntimeError``, a ``ValueError``).
       TypeError: for a keyword of 0.1 (``bptt=``, ``return_carries=``, ...), naming its 0.2
         spelling.
 
@@ -521,7 +591,7 @@ def trajectory(
       params: the cell's params.
       xs: inputs ``(*batch, T, I)``, features last.
       carry: initial carry, leaves ``(*batch, ...)``; default ``cell.initial_carry``.
-      lengths: integer ``(*batch,)`` in ``[0, T]``.
+      lengths: integer ``(*batch,)`` in ``[0, T]``, checked as in ``unroll``.
       mask: boolean ``(*batch, T)``.
       resets: boolean ``(*batch, T)``.
       reverse: scan from the last step to the first.
@@ -549,3 +619,65 @@ def trajectory(
         refuse_renamed("trajectory", renamed)
     options = locals()
     return _run(cell, params, xs, carries=True, gates=bool(gates), **{k: options[k] for k in UNROLL_OPTIONS})
+
+
+# --------------------------------------------------------------------------- opt-in in-graph checks
+
+
+def checked(fn: Callable, *, errors: frozenset = checkify.user_checks, jit: bool = True) -> Callable:
+    """``fn`` with seqjax's in-graph checks turned on: a failed one raises on the host.
+
+    Under ``jit`` the values of a traced argument cannot be checked on the host, so seqjax
+    states them in the graph with ``jax.experimental.checkify.debug_check`` (today: that
+    ``lengths`` lie in ``[0, T]``). Such a check compiles to nothing, and costs nothing, unless
+    the function is transformed by ``checkify.checkify``; this is that transformation:
+    ``checked(fn)(*args)`` runs ``jax.jit(checkify.checkify(fn, errors=errors))(*args)``,
+    raises the first failed check (``checkify.JaxRuntimeError``, a ``ValueError``, whose
+    message names the argument, its first bad index and value and what it needs) and
+    otherwise returns what ``fn`` returns. ``fn`` may differentiate through ``unroll``
+    (``checked(jax.value_and_grad(loss))``) or be jitted already.
+
+    The checked program is compiled once per input shape, like ``jax.jit(fn)``; the check adds
+    a few operations on the ``(*batch,)`` lengths and an error value to carry out, not a host
+    callback per step (``docs/guides/unrolling.md``, "Checking lengths", has its measured cost).
+
+    Args:
+      fn: the function to check; its arguments must be arrays or pytrees of arrays (as for
+        ``jax.jit``; use ``checkify.checkify`` yourself for static arguments).
+      errors: the ``checkify`` error set (default ``checkify.user_checks``: the checks that
+        seqjax and the user state; ``checkify.nan_checks | checkify.user_checks`` adds NaN
+        checks, at a cost of their own).
+      jit: compile the checked function (default). ``False``: run ``checkify.checkify(fn)``
+        as is, tracing ``fn`` at every call (for a function that cannot be jitted; seqjax's
+        host checks then see the concrete arguments).
+
+    Returns:
+      A function with the signature of ``fn``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> from seqjax.unroll import checked
+      >>> cell = seqjax.lstm(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> def run(params, xs, lengths):
+      ...     return seqjax.unroll(cell, params, xs, lengths=lengths)[1]
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> ys = checked(run)(params, xs, jnp.array([5, 3]))    # in range: the plain result
+      >>> try:
+      ...     checked(run)(params, xs, jnp.array([5, 6]))     # jax.jit(run) would clamp 6 to 5
+      ... except ValueError as e:
+      ...     print(str(e).split(" (checked")[0])
+      lengths must lie in [0, T=5] (T is the size of the time axis of xs), got lengths[1] = 6
+    """
+    if not callable(fn):
+        raise TypeError(f"checked(fn) needs a callable, got {type(fn).__name__}.")
+    inner = checkify.checkify(fn, errors=errors)
+    run = jax.jit(inner) if jit else inner
+
+    @functools.wraps(fn)
+    def checked_fn(*args, **kwargs):
+        err, out = run(*args, **kwargs)
+        err.throw()
+        return out
+
+    return checked_fn
