@@ -1,0 +1,1 @@
+"""Helpers that inject faults into seqjax's I/O, run in subprocesses by the fault tests."""
