@@ -41,6 +41,7 @@ import numpy as np
 
 from seqjax._util import same_treedef
 from seqjax.cells import Cell, LSTMState, gru, lstm, rnn
+from seqjax.cells.wrappers import _check_key
 from seqjax.layers import BiCarry, Layer, as_layer, bidirectional, stack, stack_layers
 
 __all__ = ["TorchRNN", "from_torch", "to_torch"]
@@ -55,6 +56,7 @@ _MODES = {
     "gru": "gru",
 }
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+_MODULE_NAMES = {"rnn_tanh": "an RNN", "rnn_relu": "an RNN", "lstm": "an LSTM", "gru": "a GRU"}
 
 
 class TorchRNN(NamedTuple):
@@ -105,21 +107,28 @@ class TorchRNN(NamedTuple):
         """``D``: 2 when bidirectional, else 1."""
         return 2 if self.bidirectional else 1
 
-    def carry_from_torch(self, hx) -> tuple:
-        """PyTorch's ``h_0`` (``(h_0, c_0)`` for the LSTM), leaves ``(L*D, *batch, H)``, to
-        the carry of ``self.layer`` (a tuple per layer; ``BiCarry`` when bidirectional)."""
+    def carry_from_torch(self, hx, *, batch_shape: tuple[int, ...] | None = None) -> tuple:
+        """PyTorch's ``h_0`` (``(h_0, c_0)`` for the LSTM) to the carry of ``self.layer`` (a
+        tuple per layer; ``BiCarry`` when bidirectional).
+
+        Args:
+          hx: ``h_0: (L*D, *batch, H_out)`` (RNN, GRU), or ``(h_0, c_0)`` with
+            ``c_0: (L*D, *batch, H)`` (LSTM), index ``l*D + d`` (PyTorch's layout;
+            ``H_out = proj_size or hidden_size``). Arrays or tensors, floating.
+          batch_shape: the batch shape the leaves must have (``(B,)``, or ``()`` for an
+            unbatched input); ``None`` accepts any (``h_0`` and ``c_0`` must still agree).
+
+        Returns:
+          The carry: a tuple with one entry per layer.
+
+        Raises:
+          TypeError: ``hx`` is not an array (a pair of arrays for the LSTM) or not floating.
+          ValueError: ``hx`` has the wrong structure or shape; the message names ``hx`` (its
+            part: ``hx[0]`` is ``h_0``, ``hx[1]`` is ``c_0``), what it got and the shape
+            PyTorch's convention needs.
+        """
+        h, c = self._hx_arrays(hx, batch_shape)
         D = self.num_directions
-        if self.mode == "lstm":
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise ValueError("hx must be (h_0, c_0) for an LSTM.")
-            h, c = (jnp.asarray(a) for a in hx)
-        else:
-            h, c = jnp.asarray(hx), None
-        n = self.num_layers * D
-        if h.shape[0] != n:
-            raise ValueError(
-                f"h_0 has shape {tuple(h.shape)} but needs (num_layers * num_directions = {n}, ...)."
-            )
         out = []
         for layer in range(self.num_layers):
             per = []
@@ -128,6 +137,61 @@ class TorchRNN(NamedTuple):
                 per.append(LSTMState(h[i], c[i]) if c is not None else h[i])
             out.append(BiCarry(*per) if D == 2 else per[0])
         return tuple(out)
+
+    def _hx_arrays(self, hx, batch_shape: tuple[int, ...] | None):
+        """``(h_0, c_0)`` (``c_0`` ``None`` but for the LSTM) as arrays, checked against PyTorch's
+        convention; every error names ``hx``."""
+        n = self.num_layers * self.num_directions
+        H_out = self.proj_size or self.hidden_size
+        batch = "*batch" if batch_shape is None else ("B" if batch_shape else None)
+        dims = ", ".join(x for x in ("num_layers * num_directions", batch) if x)
+
+        def need(size_name: str, size: int) -> str:
+            shape = "" if batch_shape is None else str((n, *batch_shape, size))
+            return f"({dims}, {size_name}){' = ' + shape if shape else ''}"
+
+        need_h = need("proj_size" if self.proj_size else "hidden_size", H_out)
+        sizes = f"num_layers = {self.num_layers}, num_directions = {self.num_directions}" + (
+            "" if batch_shape is None else f", batch shape {tuple(batch_shape)} from xs"
+        )
+        if self.mode == "lstm":
+            need_c = need("hidden_size", self.hidden_size)
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise ValueError(
+                    f"hx must be a pair (h_0, c_0) for an LSTM (PyTorch's convention), h_0: {need_h} "
+                    f"and c_0: {need_c}; got {_describe(hx)}."
+                )
+            h = _hx_leaf(hx[0], "hx[0] (h_0)")
+            c = _hx_leaf(hx[1], "hx[1] (c_0)")
+            parts = [(h, "hx[0] (h_0)", need_h, H_out), (c, "hx[1] (c_0)", need_c, self.hidden_size)]
+        else:
+            if isinstance(hx, (tuple, list)):
+                raise ValueError(
+                    f"hx must be one array h_0 of shape {need_h} for {_MODULE_NAMES[self.mode]} "
+                    f"(PyTorch's convention; a pair (h_0, c_0) is an LSTM's); got {_describe(hx)}."
+                )
+            h, c = _hx_leaf(hx, "hx"), None
+            parts = [(h, "hx", need_h, H_out)]
+        for a, name, needed, size in parts:
+            ok = a.ndim >= 2 and a.shape[0] == n and a.shape[-1] == size
+            if batch_shape is not None:
+                ok = ok and tuple(a.shape[1:-1]) == tuple(batch_shape)
+            if not ok:
+                hint = ""
+                if batch_shape == () and a.ndim == 3:
+                    hint = " For an unbatched xs (T, I), hx has no batch axis either."
+                elif batch_shape and a.ndim == 2:
+                    hint = " For a batched xs, hx has a batch axis after the layer axis."
+                raise ValueError(
+                    f"{name} has shape {tuple(a.shape)} but PyTorch's convention needs {needed} "
+                    f"({sizes}).{hint}"
+                )
+        if c is not None and h.shape[1:-1] != c.shape[1:-1]:
+            raise ValueError(
+                f"hx[0] (h_0) has batch shape {tuple(h.shape[1:-1])} but hx[1] (c_0) has "
+                f"{tuple(c.shape[1:-1])}: they must agree."
+            )
+        return h, c
 
     def carry_to_torch(self, carry):
         """The carry of ``self.layer`` to PyTorch's ``h_n`` (``(h_n, c_n)`` for the LSTM)."""
@@ -144,7 +208,33 @@ class TorchRNN(NamedTuple):
         return (h_n, jnp.stack(cs, axis=0)) if self.mode == "lstm" else h_n
 
     def __call__(self, params, xs, hx=None, *, lengths=None, key=None):
-        xs = jnp.asarray(xs)
+        """Run the network as the PyTorch module would (see the class docstring).
+
+        Args:
+          params: the tuple of per-layer params (``from_torch``'s).
+          xs: ``(T, I)``, ``(T, B, I)``, or ``(B, T, I)`` with ``batch_first``. A torch
+            tensor is copied (detached: no gradient reaches PyTorch).
+          hx: ``h_0: (L*D, B, H_out)`` (``(L*D, H_out)`` unbatched), or ``(h_0, c_0)`` with
+            ``c_0: (L*D, B, H)`` for the LSTM, ``H_out = proj_size or hidden_size``, floating
+            arrays or tensors (copied as ``xs``); ``None``: zeros.
+          lengths: integer ``(B,)`` or ``None``: each sequence's length (a packed sequence).
+          key: PRNG key: dropout between layers (training mode); ``None``: no dropout.
+
+        Returns:
+          ``(output, h_n)`` (RNN, GRU) or ``(output, (h_n, c_n))`` (LSTM).
+
+        Raises:
+          TypeError: ``xs`` or ``hx`` is not a (floating, for ``hx``) array.
+          ValueError: a wrong shape of ``xs``, ``hx`` or ``lengths``, ``params`` that are not
+            one entry per layer, or a ``key`` that is not a PRNG key; each message names the
+            argument.
+        """
+        if not isinstance(params, (tuple, list)) or len(params) != self.num_layers:
+            raise ValueError(
+                f"params must be a tuple of {self.num_layers} per-layer params (from_torch's), "
+                f"got {_describe(params)}."
+            )
+        xs = _as_array(xs, "xs", "(T, I), (T, B, I) or, with batch_first, (B, T, I)")
         if xs.ndim == 2:
             time_axis = 0
         elif xs.ndim == 3:
@@ -158,11 +248,39 @@ class TorchRNN(NamedTuple):
             raise ValueError(
                 f"xs has {xs.shape[-1]} features but the module has input_size={self.input_size}."
             )
-        carry = None if hx is None else self.carry_from_torch(hx)
+        key = _check_key(key, "TorchRNN")
+        batch_shape = () if xs.ndim == 2 else (xs.shape[1 - time_axis],)
+        carry = None if hx is None else self.carry_from_torch(hx, batch_shape=batch_shape)
         final, ys = self.layer.apply(
             params, xs, carry=carry, lengths=lengths, time_axis=time_axis, key=key, deterministic=key is None
         )
         return ys, self.carry_to_torch(final)
+
+
+def _describe(x) -> str:
+    """What ``x`` is, for an error message: type and, for arrays, shape and dtype."""
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of length {len(x)}"
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is not None:
+        return f"one array of shape {tuple(shape)} and dtype {dtype}"
+    return f"a value of type {type(x).__name__}"
+
+
+def _as_array(x, name: str, layout: str) -> jax.Array:
+    """``x`` (array, tensor, nested list) as a JAX array; a ``TypeError`` naming ``name`` else."""
+    try:
+        return jnp.asarray(_to_numpy(x) if hasattr(x, "detach") else x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array {layout}, got {_describe(x)} ({e}).") from None
+
+
+def _hx_leaf(x, name: str) -> jax.Array:
+    """One of ``h_0``, ``c_0`` as a floating JAX array."""
+    a = _as_array(x, name, "(num_layers * num_directions, B, H) of floats")
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(f"{name} has dtype {a.dtype} but must be floating, as PyTorch's h_0 and c_0.")
+    return a
 
 
 def _to_numpy(t) -> np.ndarray:

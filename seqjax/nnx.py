@@ -24,7 +24,10 @@ PyTorch there.
 Modules:
   ``Recurrent``: any ``seqjax.Cell``. ``RNN``, ``LSTM``, ``GRU``: the built-in cells.
   ``Bidirectional``: two recurrent modules, one run backward in time, outputs merged.
-  ``Stack``: layers applied in sequence (the outputs of one are the inputs of the next).
+  ``Stack``: layers applied in sequence (the outputs of one are the inputs of the next),
+  with optional dropout between them that follows NNX's modes: ``model.train()`` turns it
+  on, ``model.eval()`` off, and a call's ``deterministic=`` overrides both, as for
+  ``flax.nnx.Dropout``.
 
 Every module has ``cores(params, xs, ...)``, its recurrent cells and the inputs each reads
 (those of its functional layer ``as_layer()``), so a module goes to the spectrum tools
@@ -38,10 +41,12 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from seqjax import layers as _layers
 from seqjax.cells import Cell, gru, lstm, rnn
+from seqjax.cells.wrappers import _check_key
 from seqjax.spectrum.models import Core, _cores_of
 from seqjax.unroll import check_options, check_params, trajectory, unroll
 
@@ -440,12 +445,29 @@ class Stack(nnx.Module):
     r"""Deep recurrent network, layer by layer: ``ys^l = layer_l(ys^{l-1})``, ``ys^0 = xs``
     (``seqjax.layers.stack_layers``; PyTorch's multi-layer ``nn.LSTM`` computes this).
 
+    Dropout follows ``flax.nnx.Dropout``: the ``deterministic`` attribute says whether a call
+    drops (``False``, training) or not (``True``, evaluation); ``model.train()`` sets it to
+    ``False`` and ``model.eval()`` to ``True`` in every ``Stack`` of a model (nested ones
+    included), ``nnx.view(model, deterministic=...)`` likewise on a view, and
+    ``deterministic=`` in a call overrides it for that call (the call's own dropout and that
+    of every ``Stack`` inside it). A fresh ``Stack`` is in training mode, as ``nnx.Dropout``.
+
     Args:
-      layers: ``Recurrent`` or ``Bidirectional`` modules, each taking the previous layer's
-        output width as its input size.
-      dropout: rate of standard dropout on the outputs of every layer but the last (a fresh
-        mask per sequence, step and unit, as ``torch.nn.LSTM(dropout=...)``).
-      rngs: ``nnx.Rngs`` whose ``dropout`` stream feeds the dropout when no ``key`` is given.
+      layers: ``Recurrent``, ``Bidirectional`` or ``Stack`` modules, each taking the previous
+        layer's output width as its input size.
+      dropout: rate in ``[0, 1)`` of standard dropout on the outputs of every layer but the
+        last (a fresh mask per sequence, step and unit, as ``torch.nn.LSTM(dropout=...)``).
+      deterministic: the initial mode: ``False`` (default, as ``nnx.Dropout``) drops,
+        ``True`` does not; ``None`` leaves it to every call's ``deterministic=``.
+      rngs: ``nnx.Rngs`` (its ``dropout`` stream, else its ``default`` one) or an
+        ``nnx.RngStream``, forked into ``self.rngs`` as ``nnx.Dropout`` does; it feeds the
+        dropout when a call gives no ``key``. Needed for training mode unless every call
+        passes ``key=``; unused (not forked) when ``dropout == 0``.
+
+    Attributes:
+      deterministic: ``True`` (evaluation: no dropout), ``False`` (training) or ``None``.
+      dropout: the rate.
+      rngs: the forked ``nnx.RngStream``, or ``None``.
 
     Params: a tuple, one entry per layer (``to_params``), exactly those of
     ``stack_layers([layer.as_layer() ...])``. Carry: a tuple of the layers' carries.
@@ -455,28 +477,53 @@ class Stack(nnx.Module):
       >>> from flax import nnx
       >>> from seqjax.nnx import LSTM, Stack
       >>> rngs = nnx.Rngs(0)
-      >>> net = Stack([LSTM(3, 4, rngs=rngs), LSTM(4, 4, rngs=rngs)])
-      >>> carries, ys = net(jnp.ones((2, 5, 3)))
+      >>> net = Stack([LSTM(3, 4, rngs=rngs), LSTM(4, 4, rngs=rngs)], dropout=0.5, rngs=rngs)
+      >>> xs = jnp.ones((2, 5, 3))
+      >>> carries, ys = net(xs)                           # fresh: training mode, drops
       >>> print(ys.shape, len(carries))                   # (B, T, H); one carry per layer
       (2, 5, 4) 2
+      >>> net.eval()                                      # evaluation: no dropout
+      >>> ys_eval = net(xs)[1]
+      >>> ys_plain = net.as_layer().apply(net.to_params(), xs, deterministic=True)[1]
+      >>> print(net.deterministic, bool(jnp.allclose(ys_eval, ys_plain)))
+      True True
+      >>> ys_train = net(xs, deterministic=False)[1]     # a per-call override wins
+      >>> print(bool(jnp.allclose(ys_train, ys_plain)))
+      False
     """
 
     def __init__(
-        self, layers: Sequence[_SequenceModule], *, dropout: float = 0.0, rngs: nnx.Rngs | None = None
+        self,
+        layers: Sequence[_SequenceModule],
+        *,
+        dropout: float = 0.0,
+        deterministic: bool | None = False,
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
     ):
         if len(layers) == 0:
             raise ValueError("Stack needs at least one layer.")
         for i, m in enumerate(layers):
             if not hasattr(m, "as_layer"):
                 raise TypeError(
-                    f"Stack: layers[{i}] must be a Recurrent or Bidirectional module, got {type(m).__name__}."
+                    f"Stack: layers[{i}] must be a Recurrent, Bidirectional or Stack module, "
+                    f"got {type(m).__name__}."
                 )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}.")
         self.layers = nnx.List(list(layers))
         self.dropout = float(dropout)
-        self.rngs = rngs if dropout else None
+        self.deterministic = _check_deterministic(deterministic, "Stack(deterministic=...)")
+        self.rngs = _fork_rngs(rngs) if dropout else nnx.data(None)
         self.input_size = layers[0].input_size
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Set the mode for ``nnx.view(model, deterministic=...)`` (``None``: unchanged).
+
+        Args:
+          deterministic: ``True`` (evaluation), ``False`` (training) or ``None``.
+        """
+        if deterministic is not None:
+            self.deterministic = _check_deterministic(deterministic, "nnx.view(deterministic=...)")
 
     def as_layer(self) -> _layers.Layer:
         """The functional layer, ``seqjax.layers.stack_layers([...], dropout=...)``."""
@@ -512,34 +559,109 @@ class Stack(nnx.Module):
         xs: jax.Array,
         *,
         carry: Sequence | None = None,
-        deterministic: bool = True,
+        deterministic: bool | None = None,
         key: jax.Array | None = None,
         **options,
     ):
-        """Run the layers in order.
+        """Run the layers in order, with dropout between them in training mode.
 
         Args:
           xs: ``(*batch, T, I)``.
           carry: a tuple with one carry per layer, or ``None`` (zeros).
-          deterministic: ``True`` (default) runs without dropout; ``False`` applies it.
-          key: PRNG key for the dropout (default: a fresh key from ``rngs.dropout()``).
+          deterministic: ``None`` (default) uses ``self.deterministic`` (set by
+            ``model.train()`` / ``model.eval()``); ``True`` runs without dropout and
+            ``False`` with it, here and in every ``Stack`` among the layers, whatever
+            their attributes say.
+          key: PRNG key of the dropout, taking precedence over ``self.rngs`` (default: a
+            fresh key from ``self.rngs``); ``Stack`` layers receive keys split from it.
           **options: passed to every layer as they are: ``lengths``, ``time_axis`` and the
             options of ``seqjax.unroll`` (``mask``, ``resets``, ``gradient``, ``solver``).
 
         Returns:
-          ``(carries, ys)``: a tuple of final carries and the last layer's outputs.
+          ``(carries, ys)``: a tuple of final carries and the last layer's outputs,
+          ``ys: (*batch, T, O)``.
+
+        Raises:
+          ValueError: training mode with ``dropout > 0`` and neither ``key`` nor ``rngs``;
+            or ``deterministic`` is ``None`` both here and on the module.
         """
-        if self.dropout and not deterministic and key is None:
-            if self.rngs is None:
-                raise ValueError(
-                    "Stack: dropout needs key=... or rngs=nnx.Rngs(dropout=...) at construction."
-                )
-            key = self.rngs.dropout()
-        return self.as_layer().apply(
+        return self._apply(
             self.to_params(),
             xs,
             carry=None if carry is None else tuple(carry),
+            deterministic=deterministic,
             key=key,
-            deterministic=deterministic or not self.dropout,
             **options,
         )
+
+    def _apply(self, params, xs, *, deterministic: bool | None, key: Any, **options):
+        """``as_layer().apply`` in this module's mode (``deterministic`` overrides it here and in
+        the nested ``Stack`` layers), drawing the dropout key from ``self.rngs`` when needed."""
+        override = _check_deterministic(deterministic, "Stack(...)(deterministic=...)")
+        key = _check_key(key, "Stack")
+        train = False
+        if self.dropout:
+            mode = self.deterministic if override is None else override
+            if mode is None:
+                raise ValueError(
+                    "Stack: deterministic is None on the module and in the call, so whether to "
+                    "apply dropout is unknown: call model.train() or model.eval(), pass "
+                    "deterministic=True/False to the call, or build Stack(..., deterministic=...)."
+                )
+            train = not mode
+        if train and key is None:
+            if self.rngs is None:
+                raise ValueError(
+                    f"Stack: training mode (deterministic=False) with dropout={self.dropout} needs "
+                    "a random key, and there is none: build the Stack with rngs=nnx.Rngs(dropout=seed) "
+                    "or pass key=jax.random.key(...) to the call; for evaluation call model.eval() "
+                    "or pass deterministic=True."
+                )
+            key = self.rngs()
+        parts = [_bound_layer(m, override) for m in self.layers]
+        # rate 0 outside training: the key (if any) only feeds the nested Stack layers
+        layer = _layers.stack_layers(parts, dropout=self.dropout if train else 0.0)
+        return layer.apply(params, xs, key=key, deterministic=False, **options)
+
+
+def _bound_layer(module: Any, override: bool | None) -> _layers.Layer:
+    """``module.as_layer()``; for a ``Stack``, one whose ``apply`` runs in the module's own
+    mode (or ``override``) and draws from its own ``rngs`` when given no key."""
+    layer = module.as_layer()
+    if not isinstance(module, Stack):
+        return layer
+
+    def apply(params, xs, *, key=None, **call):
+        return module._apply(params, xs, deterministic=override, key=key, **call)
+
+    return layer._replace(apply=apply)
+
+
+def _check_deterministic(value: Any, where: str) -> bool | None:
+    """``value`` as ``bool`` or ``None``; a ``TypeError`` naming ``where`` for anything else
+    (a traced array cannot choose whether to drop)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(
+        f"{where}: deterministic must be True, False or None, got {type(value).__name__} {value!r}."
+    )
+
+
+def _fork_rngs(rngs: Any) -> nnx.RngStream | None:
+    """The ``dropout`` stream of ``rngs`` forked, as ``nnx.Dropout`` does."""
+    if isinstance(rngs, nnx.Rngs):
+        try:
+            stream = rngs["dropout"]
+        except KeyError:
+            raise ValueError(
+                "Stack: rngs has neither a 'dropout' nor a 'default' stream to draw dropout masks "
+                "from; pass rngs=nnx.Rngs(0, dropout=1) or nnx.Rngs(0)."
+            ) from None
+        return stream.fork()
+    if isinstance(rngs, nnx.RngStream):
+        return rngs.fork()
+    if rngs is None:
+        return nnx.data(None)
+    raise TypeError(f"Stack: rngs must be an nnx.Rngs, an nnx.RngStream or None, got {type(rngs).__name__}.")

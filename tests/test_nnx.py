@@ -167,6 +167,7 @@ def test_stack_dropout():
     rngs = nnx.Rngs(0, dropout=1)
     net = Stack([RNN(I, H, rngs=rngs), RNN(H, H, rngs=rngs)], dropout=0.5, rngs=rngs)
     xs = _xs(5)
+    net.eval()  # a fresh Stack is in training mode, as nnx.Dropout; eval() turns dropout off
     y_det = net(xs)[1]
     assert_trees_close(y_det, net.as_layer().apply(net.to_params(), xs, deterministic=True)[1], **TOL)
     y_r1, y_r2 = net(xs, deterministic=False)[1], net(xs, deterministic=False)[1]
