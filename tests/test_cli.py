@@ -27,7 +27,7 @@ def test_usage_errors(capsys, tmp_path):
     code, out, err = _run([], capsys)
     assert code == 2 and "demo" in out  # help lists the commands
     code, _, err = _run(["train"], capsys)  # missing TASK
-    assert code == 2 and "task" in err
+    assert code == 2 and "train needs a TASK: one of adding, copy, digits, sunspots, char" in err
     code, _, err = _run(["frobnicate"], capsys)
     assert code == 2 and "invalid choice" in err
     code, _, err = _run(["demo", "--steps", "0"], capsys)
@@ -37,7 +37,7 @@ def test_usage_errors(capsys, tmp_path):
     code, _, err = _run(["train", "adding", "--cell", "transformer", "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "unknown cell 'transformer'" in err and "lstm" in err
     code, _, err = _run(["train", "adding", "--hidden", "0", "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and "--hidden" in err
+    assert code == 2 and "argument --hidden: expected a positive integer, got '0'" in err
     code, _, err = _run(["train", "adding", "--resume", "--out", str(tmp_path / "none")], capsys)
     assert code == 2 and "no run to resume" in err
     code, out, _ = _run(["--version"], capsys)
@@ -93,9 +93,58 @@ def test_bench_delegates_or_explains(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "benchmarks.cli", fake)
     code, _, _ = _run(["bench", "speed", "--tiny"], capsys)
     assert code == 0 and calls == [["speed", "--tiny"]]
+    code, _, _ = _run(["bench", "--quick", "speed"], capsys)  # a leading option is the suite's too
+    assert code == 0 and calls[-1] == ["--quick", "speed"]
     monkeypatch.setitem(sys.modules, "benchmarks.cli", None)
     code, _, err = _run(["bench"], capsys)
     assert code == 2 and "benchmarks/" in err and "source checkout" in err
+    # --help outside a source checkout: what the command does, and why the suite is not there
+    code, out, _ = _run(["bench", "--help"], capsys)
+    assert code == 0 and "python -m benchmarks ARGS" in out and "not importable here" in out
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_bench_help_shows_the_suites_options(flag, capsys):
+    """In this source checkout ``seqjax bench --help`` (and ``-h``) prints what the command
+    does, then the suite's own help (``python -m benchmarks --help``), and exits 0."""
+    code, out, err = _run(["bench", flag], capsys)
+    assert code == 0, err
+    assert out.startswith("usage: seqjax bench [ARGS ...]")
+    assert "usage: python -m benchmarks" in out and "--quick" in out and "--tiny" in out
+    assert "unrecognized arguments" not in err
+
+
+def test_bench_finds_the_suite_from_a_console_script(capsys, tmp_path, monkeypatch):
+    """The ``seqjax`` console script does not put the checkout on ``sys.path``: the suite is
+    found next to the (editable) ``seqjax`` package, from any working directory."""
+    import pathlib
+
+    root = str(pathlib.Path(cli.__file__).resolve().parents[2])
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", root)])
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(["bench", "--help"], capsys)
+    assert code == 0 and "usage: python -m benchmarks" in out, err
+
+
+def test_train_help_lists_the_tasks_and_their_options(capsys):
+    from seqjax.cli.tasks import TASKS
+
+    code, out, _ = _run(["train", "--help"], capsys)
+    assert code == 0
+    assert set(TASKS) == {"adding", "copy", "digits", "sunspots", "char"}
+    for name, task in TASKS.items():
+        assert f"\n  {name} " in out, name  # the task table
+        if task.options:
+            assert f"options of the {name} task" in out
+        for option in task.options:
+            assert option.flag in out, option.flag
+    for flag in ("--length", "--delay", "--symbols", "--mode", "--test-fraction", "--modules", "--ar-order"):
+        assert flag in out
+    # what --resume may change is stated
+    assert "options --resume may change" in out and "--steps" in out and "--checkpoint-every" in out
+    assert "--run-dir" in out
 
 
 def test_entry_points():
@@ -174,8 +223,8 @@ def test_train_checkpoints_resume_and_refuse_overwrite(capsys, tmp_path):
     # resume with different options: refused, names the difference
     args = ["train", "adding", "--cell", "gru", "--out", str(run), "--resume"]
     code, _, err = _run([*args, "--hidden", "4", "--steps", "8", "--T", "6", "--batch", "16"], capsys)
-    assert code == 2 and "batch" in err
-    # resume to 8 steps: continues from step 4
+    assert code == 2 and "--batch 16 contradicts the run's saved batch=8" in err
+    # resume to 8 steps, repeating the saved options (allowed): continues from step 4
     more = ["--hidden", "4", "--steps", "8", "--T", "6", "--batch", "8", "--no-progress"]
     code, stdout, err = _run([*args, *more], capsys)
     assert code == 0 and "done: step 8" in stdout, err

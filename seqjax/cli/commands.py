@@ -5,25 +5,29 @@ directories of ``seqjax.cli.runs`` for training) and writes what it says."""
 from __future__ import annotations
 
 import importlib
-import json
 import os
+import sys
 import time
 
 import jax
 
 from seqjax import diagnose as dg
 from seqjax import plot
-from seqjax._util import positive_int
 from seqjax.cli.runs import (
-    CELLS,
+    TRAIN_DEFAULTS,
+    TRAIN_KEYS,
     CLIError,
     _build,
     _final_eval,
-    _task_registry,
     _train,
     _write_json,
+    checkpoint_step,
     load_run,
+    new_config,
+    read_config,
+    resume_config,
 )
+from seqjax.cli.tasks import TASKS
 from seqjax.tasks import ADDING_BASELINE_MSE
 
 __all__ = ["run_demo", "cmd_demo", "cmd_train", "cmd_spectrum", "cmd_bench"]
@@ -91,39 +95,35 @@ def run_demo(
         quiet=quiet,
     )
     _say(
-        f"(always answering 1 scores test MSE {ADDING_BASELINE_MSE:.3f}; learning means going well below)",
+        f"(always answering 1 scores test MSE {ADDING_BASELINE_MSE:.3f}; 'learned' needs a test MSE below "
+        f"{dg.LEARNED_MSE_RATIO:g} x that)",
         quiet=quiet,
     )
     for name in ("rnn", "lstm"):
-        config = {
-            "task": "adding",
-            "cell": name,
-            "hidden": hidden,
-            "input_size": 2,
-            "output_size": 1,
-            "loss": "mse",
-            "per_step": False,
-            "T": T,
-            "lr": lr,
-            "clip": 1.0,
-            "batch": batch,
-        }
+        config = new_config(
+            {
+                "task": "adding",
+                "cell": name,
+                "hidden": hidden,
+                "T": T,
+                "lr": lr,
+                "clip": 1.0,
+                "batch": batch,
+                "steps": steps,
+                "seed": seed,
+            }
+        )
         _say(f"\n[{name}] training ...", quiet=quiet)
         t0 = time.perf_counter()
-        params, hist, (x_test, y_test) = _train(
-            config,
-            os.path.join(out, name),
-            steps=steps,
-            batch=batch,
-            seed=seed,
-            resume=False,
-            progress=progress,
-            quiet=quiet,
+        params, hist, data = _train(
+            config, os.path.join(out, name), resume=False, progress=progress, quiet=quiet
         )
+        x_test, y_test = data.test
         secs = time.perf_counter() - t0
         test_mse = _final_eval(hist)
         _say(
-            f"[{name}] test MSE {test_mse:.4f} after {steps} steps ({secs:.1f} s); analysing ...", quiet=quiet
+            f"[{name}] test MSE {dg._fmt(test_mse)} after {steps} steps ({secs:.1f} s); analysing ...",
+            quiet=quiet,
         )
         cell, _ = _build(config)
         d = dg.diagnose(cell, params, x_test[:analysis_batch], ys=y_test[:analysis_batch])
@@ -176,73 +176,138 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _given(args) -> dict:
+    """The ``train`` options given on the command line: config key -> value (``None``: not given)."""
+    return {k: getattr(args, k, None) for k in TRAIN_KEYS}
+
+
+def _default_dir(config: dict) -> str:
+    return os.path.join("runs", f"{config['task']}-{config['cell']}{config['hidden']}")
+
+
+def _resolve_train(args) -> tuple[dict, str, int | None]:
+    """``(config, run_dir, step reached)`` of ``seqjax train``: a new run's configuration, or
+    the saved one with ``--resume``. ``CLIError`` for what cannot run."""
+    given = _given(args)
+    if not args.resume:
+        config = new_config(given)
+        out = args.out or _default_dir(config)
+        if checkpoint_step(out) is not None:
+            raise CLIError(
+                f"{out!r} already holds a run; pass --resume to continue it or --run-dir to start another."
+            )
+        return config, out, None
+    if args.out is None:
+        if given["task"] is None:
+            raise CLIError(
+                "--resume needs the run: pass --run-dir DIR "
+                "(or the TASK and options of its default directory)."
+            )
+        out = _default_dir({**TRAIN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}})
+    else:
+        out = args.out
+    if not os.path.exists(os.path.join(out, "config.json")):
+        raise CLIError(f"--resume: {out!r} holds no run to resume (no config.json).")
+    saved, cfg_path = read_config(out)
+    config, notes = resume_config(given, saved, cfg_path)
+    for note in notes:
+        print(f"note: {note}.")
+    done = checkpoint_step(out)
+    steps = int(config["steps"])
+    if done is not None and done > steps:
+        raise CLIError(
+            f"the run in {out!r} is already at step {done}, beyond --steps {steps} (the total number of "
+            f"steps, not steps to add); pass --steps {done} or more."
+        )
+    return config, out, done
+
+
+_LOSS_LABEL = {"mse": "held-out MSE", "xent": "held-out cross-entropy (nats)", "bits": "held-out bits/char"}
+_METRIC_LABEL = {
+    "eval_accuracy": "held-out accuracy",
+    "eval_recall_accuracy": "accuracy on the recalled symbols",
+}
+
+
+def _label(metric: str, config: dict) -> str:
+    if metric == "eval_loss":
+        return _LOSS_LABEL.get(config.get("loss", ""), "held-out loss")
+    return _METRIC_LABEL.get(metric, metric)
+
+
+def _compare(data, row: dict) -> list[dict]:
+    """Each baseline of the task beside the model's score on the same held-out data."""
+    rows = []
+    for b in data.baselines:
+        v = row.get(b.metric)
+        rows.append(
+            {
+                "metric": b.metric,
+                "model": v,
+                "baseline": b.value,
+                "baseline_name": b.name,
+                "higher_is_better": b.higher_is_better,
+                "ratio": None if v is None or b.value == 0 else float(v) / b.value,
+            }
+        )
+    return rows
+
+
 def cmd_train(args) -> int:
     """``seqjax train TASK``: train a cell on a built-in task into a run directory
-    (checkpoints, history, plots). Returns the exit code; ``CLIError`` for an unknown task."""
-    reg = _task_registry()
-    if args.task not in reg:
-        raise CLIError(f"unknown task {args.task!r}; choose from {', '.join(sorted(reg))}.")
-    if args.cell not in CELLS:
-        raise CLIError(f"unknown cell {args.cell!r}; choose from {', '.join(CELLS)}.")
-    for name in ("hidden", "steps", "batch"):
-        try:
-            positive_int(getattr(args, name), f"--{name}")
-        except ValueError as e:
-            raise CLIError(str(e)) from None
+    (checkpoints, history, summary, plots), or continue one (``--resume``, with its saved
+    options). Returns the exit code; ``CLIError`` for what cannot run."""
+    config, out, done = _resolve_train(args)
     draw = _plots(required=args.plot)
-    task = reg[args.task]
-    out = args.out or os.path.join("runs", f"{args.task}-{args.cell}{args.hidden}")
-    T = args.T or int(task["T"])
-    config = {
-        "task": args.task,
-        "cell": args.cell,
-        "hidden": args.hidden,
-        "input_size": int(task["input_size"]),
-        "output_size": int(task["output_size"]),
-        "loss": task["loss"],
-        "per_step": bool(task.get("per_step", False)),
-        "T": T,
-        "lr": args.lr,
-        "clip": args.clip,
-        "batch": args.batch,
-    }
-    cfg_path = os.path.join(out, "config.json")
-    if args.resume:
-        if not os.path.exists(cfg_path):
-            raise CLIError(f"--resume: {out!r} holds no run to resume (no config.json).")
-        with open(cfg_path) as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-        if diff:
-            raise CLIError(
-                f"--resume: the options differ from the saved run in {out!r}: {diff} (saved, given)."
-            )
-    elif os.path.exists(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
-        raise CLIError(
-            f"{out!r} already holds a run; pass --resume to continue it or --out to start another."
+    steps = int(config["steps"])
+    if done is not None and done == steps:
+        print(
+            f"nothing to do: the run in {out!r} is at step {done} of its {steps}; pass --steps N with "
+            f"N > {done} to train it further."
         )
+        return 0
+    if args.resume and done is None:
+        print(f"note: {out!r} has no checkpoint yet; starting from step 0 with its saved options.")
+    T, cell, hidden = config["T"], config["cell"], config["hidden"]
     print(
-        f"seqjax train: {args.task} (T={T}), {args.cell} with {args.hidden} units, "
-        f"{args.steps} steps -> {out}"
+        f"seqjax train: {config['task']} (T={T}), {cell} with {hidden} units, {steps} steps"
+        + (f" (resuming at step {done})" if done else "")
+        + f" -> {out}"
     )
-    _, hist, _ = _train(
-        config,
-        out,
-        steps=args.steps,
-        batch=args.batch,
-        seed=args.seed,
-        resume=args.resume,
-        progress=not args.no_progress,
-        quiet=False,
-        checkpoint_every=args.checkpoint_every,
-    )
+    _, hist, data = _train(config, out, resume=args.resume, progress=not args.no_progress, quiet=False)
     if draw:
-        plot.write_figures(out, histories={args.cell: hist})
+        plot.write_figures(out, histories={cell: hist})
     final = hist[-1] if hist else {}
-    loss, ev = final.get("loss"), _final_eval(hist)
+    ev_row: dict = next((r for r in reversed(hist) if "eval_loss" in r), {})
+    loss, ev = final.get("loss"), ev_row.get("eval_loss")
     print(
         f"done: step {final.get('step')}, train loss {'n/a' if loss is None else f'{loss:.4f}'}, "
         f"eval loss {'n/a' if ev is None else f'{ev:.4f}'}; checkpoints in {os.path.join(out, 'checkpoints')}"
+    )
+    comparison = _compare(data, ev_row)
+    for c in comparison:
+        label = _label(c["metric"], config)
+        if c["model"] is None:
+            print(f"  {label}: not evaluated; {c['baseline_name']} scores {c['baseline']:.4f}")
+            continue
+        ratio = "" if c["ratio"] is None else f" ({c['ratio']:.3g} x)"
+        print(f"  {label} {c['model']:.4f} vs {c['baseline']:.4f} for {c['baseline_name']}{ratio}")
+    skipped = int(final.get("skipped", 0) or 0)
+    if skipped:
+        print(
+            f"warning: {skipped} steps had a non-finite loss or gradient and were skipped (not applied); "
+            "a lower --lr or --clip may help."
+        )
+    _write_json(
+        os.path.join(out, "summary.json"),
+        {
+            "task": config["task"],
+            "step": final.get("step"),
+            "train_loss": loss,
+            "eval": {k.removeprefix("eval_"): v for k, v in ev_row.items() if k.startswith("eval_")},
+            "baselines": comparison,
+            "skipped": skipped,
+        },
     )
     return 0
 
@@ -254,11 +319,13 @@ def cmd_spectrum(args) -> int:
     draw = _plots(required=args.plot)
     out = args.out or os.path.join(args.run, "spectrum")
     os.makedirs(out, exist_ok=True)
-    task = _task_registry().get(config["task"])
+    task = TASKS.get(config.get("task"))
     if task is None:
-        raise CLIError(f"the run's task {config['task']!r} is not a built-in task here; cannot make inputs.")
+        raise CLIError(
+            f"the run's task {config.get('task')!r} is not a built-in task here; cannot make inputs."
+        )
     T = args.T or int(config["T"])
-    xs, ys = task["make"](jax.random.key(args.seed), args.batch, T)
+    xs, ys = task.probe(config, jax.random.key(args.seed), args.batch, T)
     many_to_one_mse = not config.get("per_step") and config["loss"] == "mse"
     d = dg.diagnose(cell, params, xs, ys=ys if many_to_one_mse else None)
     name = config["cell"]
@@ -283,16 +350,69 @@ def cmd_spectrum(args) -> int:
     return 0
 
 
+BENCH_HELP = """usage: seqjax bench [ARGS ...]
+
+Run the benchmark suite: `seqjax bench ARGS` is `python -m benchmarks ARGS` (ARGS passed on
+unchanged, --help included). The suite lives in the benchmarks/ folder of the seqjax source
+repository, not in the installed package: run it from a source checkout, installed with
+pip install -e ".[bench]"."""
+
+
+def _bench_main():
+    """The benchmark suite's ``main``, or ``None`` when there is no suite to import.
+
+    The suite is the ``benchmarks`` package of a source checkout: importable as it is when
+    Python runs from the checkout (``python -m seqjax.cli``), else found next to this
+    ``seqjax`` package (an editable install, whose console script does not put the checkout
+    on ``sys.path``) or in the working directory. A dependency of the suite that is missing
+    is a ``CLIError`` naming it."""
+    import seqjax
+
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(seqjax.__file__))), os.getcwd()]
+    for root in [None, *roots]:
+        if root is not None:
+            if not os.path.isfile(os.path.join(root, "benchmarks", "cli.py")):
+                continue
+            if root not in sys.path:
+                sys.path.insert(0, root)
+        try:
+            # imported by name: the suite is not part of the package (type checkers do not follow it)
+            return importlib.import_module("benchmarks.cli").main
+        except ModuleNotFoundError as e:
+            if e.name is not None and e.name.split(".")[0] != "benchmarks":
+                raise CLIError(
+                    f"the benchmark suite needs {e.name}, which is not installed: "
+                    'pip install -e ".[bench]" in the source checkout.'
+                ) from None
+        except (ImportError, AttributeError):
+            pass
+    return None
+
+
 def cmd_bench(args) -> int:
     """``seqjax bench ARGS``: the benchmark suite's ``main(ARGS)`` (a source checkout only;
-    ``CLIError`` otherwise). Returns its exit code."""
-    try:
-        # imported by name: the suite is not part of the package (type checkers do not follow it)
-        bench_main = importlib.import_module("benchmarks.cli").main
-    except (ImportError, AttributeError):
+    ``CLIError`` otherwise). ``-h``/``--help`` prints what the command does, then the suite's
+    own help (or, outside a source checkout, why it is not there). Returns its exit code."""
+    argv = list(args.bench_args)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    if wants_help:
+        print(BENCH_HELP + "\n")
+    bench_main = _bench_main()
+    if bench_main is None:
+        if wants_help:
+            print("The benchmark suite is not importable here (not a source checkout).")
+            return 0
         raise CLIError(
             "the benchmark suite is not importable: it lives in the benchmarks/ folder of the seqjax source "
             "repository. Run `seqjax bench` (or `python -m benchmarks`) from a source checkout, with "
             'pip install -e ".[bench]".'
-        ) from None
-    return int(bench_main(list(args.bench_args)) or 0)
+        )
+    if wants_help:
+        print("The suite's options (python -m benchmarks):\n")
+    try:
+        return int(bench_main(argv) or 0)
+    except SystemExit as e:  # the suite's argparse: --help (0) or a usage error (2)
+        if e.code is None or isinstance(e.code, int):
+            return int(e.code or 0)
+        print(e.code, file=sys.stderr)
+        return 1
