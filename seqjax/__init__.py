@@ -84,6 +84,7 @@ from seqjax.spectrum import (
     step_jacobians,
 )
 from seqjax.train import (
+    CheckpointError,
     Checkpoints,
     Evaluation,
     FitResult,
@@ -105,6 +106,7 @@ from seqjax.unroll import (
     Trajectory,
     check_carry,
     check_params,
+    checked,
     sequence_mask,
     trajectory,
     unroll,
@@ -132,6 +134,7 @@ __all__ = [
     "narx",
     # unrolling
     "unroll",
+    "checked",
     "trajectory",
     "Trajectory",
     "UNROLL_OPTIONS",
@@ -191,6 +194,7 @@ __all__ = [
     "fit",
     "FitResult",
     "NonFiniteError",
+    "CheckpointError",
     "Evaluation",
     "Checkpoints",
     "Logging",

@@ -23,6 +23,7 @@ from seqjax.train import (
     Evaluation,
     Logging,
     NonFiniteError,
+    SkippedStepsWarning,
     TrainState,
     clipped,
     clipped_adam,
@@ -460,20 +461,23 @@ def test_nan_skip_leaves_params_as_if_batch_absent(tmp_path):
     x_bad[24] = np.nan  # in batch 3 (0-based) without shuffling
     p = linear_params(0)
     opt = optax.adam(1e-2)
-    res = fit(
-        linear_loss,
-        opt,
-        p,
-        (x_bad, y),
-        key=jax.random.key(0),
-        epochs=1,
-        batch_size=8,
-        shuffle=False,
-        logging=Logging(every=2),
-        mesh=None,
-        checkpoints=Checkpoints(tmp_path / "c", every=2),
-    )
+    with pytest.warns(SkippedStepsWarning, match=r"step 4: epoch 0 batch 3 \(examples 24, 25,"):
+        res = fit(
+            linear_loss,
+            opt,
+            p,
+            (x_bad, y),
+            key=jax.random.key(0),
+            epochs=1,
+            batch_size=8,
+            shuffle=False,
+            logging=Logging(every=2),
+            mesh=None,
+            checkpoints=Checkpoints(tmp_path / "c", every=2),
+            check_finite=False,  # the up-front scan would refuse this data; test the skip
+        )
     assert int(res.state.skipped) == 1 and int(res.state.step) == 6
+    assert res.skipped_steps == [4] and res.history[1]["skipped_steps"] == [4]
     assert [r["skipped"] for r in res.history] == [0, 1, 1]
     batches = [(x_bad[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
     assert_trees_close(
@@ -495,7 +499,16 @@ def test_nan_stop_names_step_and_last_good_checkpoint_survives(tmp_path):
         key=jax.random.key(0), epochs=1, batch_size=8, shuffle=False, logging=Logging(every=1), mesh=None
     )
     with pytest.raises(NonFiniteError, match=r"at step 5 .*last good checkpoint is step 4") as e:
-        fit(linear_loss, opt, p, (x_bad, y), checkpoints=Checkpoints(d, every=2), on_nonfinite="stop", **kw)
+        fit(
+            linear_loss,
+            opt,
+            p,
+            (x_bad, y),
+            checkpoints=Checkpoints(d, every=2),
+            on_nonfinite="stop",
+            check_finite=False,
+            **kw,
+        )
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
     good = manual_run(linear_loss, opt, p, batches[:4])
     assert e.value.step == 5 and e.value.checkpoint_step == 4
@@ -515,7 +528,7 @@ def test_max_skipped_raises():
     x, y = regression_data()
     x = x.copy()
     x[::8] = np.nan  # every batch
-    with pytest.raises(NonFiniteError, match="max_skipped=2"):
+    with pytest.raises(NonFiniteError, match="max_skipped=2"), pytest.warns(SkippedStepsWarning):
         fit(
             linear_loss,
             optax.sgd(0.1),
@@ -526,7 +539,9 @@ def test_max_skipped_raises():
             batch_size=8,
             logging=Logging(every=3),
             max_skipped=2,
+            max_skipped_fraction=None,  # the count alone is under test
             mesh=None,
+            check_finite=False,  # the up-front scan would refuse this data; test the skip limit
         )
 
 

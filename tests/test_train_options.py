@@ -72,6 +72,8 @@ def test_fit_signature_is_the_published_one():
         ("logging", "KEYWORD_ONLY", None),
         ("on_nonfinite", "KEYWORD_ONLY", "skip"),
         ("max_skipped", "KEYWORD_ONLY", None),
+        ("max_skipped_fraction", "KEYWORD_ONLY", 0.5),
+        ("check_finite", "KEYWORD_ONLY", True),
         ("old", "VAR_KEYWORD", inspect.Parameter.empty),
     ]
     got = [(p.name, p.kind.name, p.default) for p in sig.parameters.values()]
@@ -79,7 +81,7 @@ def test_fit_signature_is_the_published_one():
     assert [f.name for f in dataclasses.fields(Evaluation)] == ["data", "every", "batch_size"]
     assert [f.name for f in dataclasses.fields(Checkpoints)] == ["directory", "every", "keep", "resume"]
     assert [f.name for f in dataclasses.fields(Logging)] == ["every", "history_path", "progress", "callbacks"]
-    assert Logging() == Logging(every=50, history_path=None, progress=None, callbacks=())
+    assert Logging() == Logging(every=None, history_path=None, progress=None, callbacks=())
     assert Checkpoints("d") == Checkpoints("d", every=None, keep=3, resume=False)
 
 
@@ -288,24 +290,27 @@ def test_history_rows_are_interval_means():
         "grad_norm": np.mean(cat["grad_norm"][f].astype(np.float64)),
         "clipped_frac": np.mean(cat["clipped"]),  # all steps
         "mae": np.mean(cat["mae"].astype(np.float64)),  # aux: all steps
-        "grad_norm_max": np.max(cat["grad_norm"]),
+        "grad_norm_max": np.max(cat["grad_norm"][f]),  # finite steps only, like the mean
         "skipped": 5,
+        "skipped_steps": [11 + int(i) for i in np.flatnonzero(~f)],  # the interval is steps 11..17
     }
     assert list(row) == ["step", "epoch", "clipped_frac", "grad_norm", "loss", "mae"] + [
         "grad_norm_max",
         "skipped",
+        "skipped_steps",
         "steps_per_sec",
         "time",
     ]
     for k, v in want.items():
         assert row[k] == v, k  # the same float64 sums: exact
     assert row["time"] > 0 and row["steps_per_sec"] > 0
-    assert all(type(v) in (int, float) for v in row.values())
+    assert all(type(v) in (int, float, list) for v in row.values())
 
-    # no finite step at all: the means fall back to every step
+    # no finite step at all: the finite-step means are NaN, and both steps are named
     h.add({"loss": jnp.asarray([1.0, 3.0]), "grad_norm": jnp.ones(2), "finite": jnp.zeros(2, bool)}, steps=2)
     row = h.row(step=19, epoch=2, skipped=7)
-    assert row["loss"] == 2.0 and "clipped_frac" not in row
+    assert np.isnan(row["loss"]) and np.isnan(row["grad_norm_max"]) and "clipped_frac" not in row
+    assert row["skipped_steps"] == [18, 19]
 
 
 def test_history_append_writes_files_and_calls_every_callback(tmp_path):

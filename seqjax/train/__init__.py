@@ -30,22 +30,24 @@ Modules (each imports only those above it in this list):
 ```text
 state        TrainState, init_train_state, the PRNG-key check
 clipping     ClipState, track_clipping, clipped, clipped_adam
-data         data_parallel_mesh; the array / function / iterable sources, batch checks,
-             placing batches on a mesh and replicating the state
+data         data_parallel_mesh; the array / function / iterable sources, batch checks
+             (non-finite values, lengths), placing batches on a mesh, replicating the state
+buckets      bucket_by_length, PaddedBatch, Buckets: variable-length data in a few shapes
 step         make_train_step, make_eval_step, evaluate; the finite check, the loss call
-checkpoints  save_checkpoint, restore_checkpoint (orbax, imported lazily)
+checkpoints  save_checkpoint, restore_checkpoint, CheckpointError (orbax, imported lazily)
 options      Evaluation, Checkpoints, Logging (fit's option groups); 0.1 keyword errors
 history      History: interval means, the history file, progress bar, callbacks
-loop         fit, FitResult, NonFiniteError (the module is not called `fit`: that name is
-             the function, re-exported here)
+loop         fit, FitResult, NonFiniteError, SkippedStepsWarning, RetraceWarning (the
+             module is not called `fit`: that name is the function, re-exported here)
 ```
 """
 
-from seqjax.train.checkpoints import restore_checkpoint, save_checkpoint
+from seqjax.train.buckets import Buckets, PaddedBatch, bucket_by_length
+from seqjax.train.checkpoints import CheckpointError, restore_checkpoint, save_checkpoint
 from seqjax.train.clipping import ClipState, clipped, clipped_adam, track_clipping
 from seqjax.train.data import data_parallel_mesh
 from seqjax.train.history import History
-from seqjax.train.loop import FitResult, NonFiniteError, fit
+from seqjax.train.loop import FitResult, NonFiniteError, RetraceWarning, SkippedStepsWarning, fit
 from seqjax.train.options import Checkpoints, Evaluation, Logging
 from seqjax.train.state import TrainState, init_train_state
 from seqjax.train.step import evaluate, make_eval_step, make_train_step
@@ -63,11 +65,17 @@ __all__ = [
     "fit",
     "FitResult",
     "NonFiniteError",
+    "SkippedStepsWarning",
+    "RetraceWarning",
     "Evaluation",
     "Checkpoints",
     "Logging",
     "History",
     "save_checkpoint",
     "restore_checkpoint",
+    "CheckpointError",
     "data_parallel_mesh",
+    "bucket_by_length",
+    "PaddedBatch",
+    "Buckets",
 ]

@@ -19,6 +19,7 @@ and the state replicated (``P()``). Imports nothing of seqjax.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -95,20 +96,112 @@ def _spec(batch: Any) -> tuple[Any, list[tuple[str, tuple, np.dtype]], int]:
     return treedef, info, sizes[0]
 
 
-def _check_same(spec, ref, where: str) -> None:
-    """``ValueError`` unless ``spec`` has the tree, per-example shapes and dtypes of ``ref``."""
+def _check_same(spec, ref, where: str, *, same_shape: bool = True) -> None:
+    """``ValueError`` unless ``spec`` has the tree, per-example shapes and dtypes of ``ref``.
+
+    With ``same_shape=False`` only the number of axes must match (batches of padded
+    sequences may differ in length; ``fit`` traces each new shape before it compiles).
+    """
     treedef, info, _ = spec
     rdef, rinfo, _ = ref
     if treedef != rdef:
         raise ValueError(f"{where} has the tree {treedef} but the training batches have {rdef}.")
     for (p, s, d), (_, rs, rd) in zip(info, rinfo, strict=True):
-        if s != rs:
+        if (s != rs) if same_shape else (len(s) != len(rs)):
             raise ValueError(
                 f"{where}{p} has per-example shape {s} but the training batches have {rs} "
-                "(shapes after the batch axis must match)."
+                f"({'shapes' if same_shape else 'the number of axes'} after the batch axis must match)."
             )
         if d != rd:
             raise ValueError(f"{where}{p} has dtype {d} but the training batches have {rd}; cast it.")
+
+
+def _check_finite_arrays(data: Any, name: str) -> None:
+    """``ValueError`` naming the first non-finite value of array data (leaf, example, index).
+
+    Scans every floating (and complex) leaf in chunks of examples, so the temporary boolean
+    array stays small whatever the size of the data.
+    """
+    for path, a in jax.tree_util.tree_flatten_with_path(data)[0]:
+        a = np.asarray(a)
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating)):
+            continue
+        if a.ndim == 0 or a.size == 0:
+            continue
+        per = max(1, a[0].size)
+        chunk = max(1, (1 << 22) // per)  # ~4M values per chunk
+        n_bad, first = 0, None
+        for lo in range(0, a.shape[0], chunk):
+            part = a[lo : lo + chunk]
+            bad = ~np.isfinite(part).reshape(part.shape[0], -1).all(axis=1)
+            if bad.any():
+                n_bad += int(bad.sum())
+                if first is None:
+                    i = lo + int(np.argmax(bad))
+                    j = np.unravel_index(int(np.argmax(~np.isfinite(a[i]))), a[i].shape)
+                    first = (i, (i, *(int(v) for v in j)), a[i][j] if a[i].ndim else a[i])
+        if first is not None:
+            i, index, value = first
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} holds non-finite values in {n_bad} of its "
+                f"{a.shape[0]} examples; the first is example {i} (value {value} at index {index}). "
+                "A step on such a batch would be skipped, not trained on: remove or impute them, or "
+                "pass fit(..., check_finite=False) to skip this scan (for data too large to scan; "
+                "non-finite steps are then skipped and named in the history)."
+            )
+
+
+def _length_pairs(batch: Any, prefix: str = ""):
+    """Every ``(path of lengths, xs, lengths)`` of a batch: a dict, NamedTuple or dataclass
+    with both an ``xs`` and a ``lengths`` field (searched recursively)."""
+    fields: dict[str, Any] | None = None
+    attr = not isinstance(batch, dict)
+    if isinstance(batch, dict):
+        fields = batch
+    elif hasattr(batch, "_fields"):
+        fields = dict(zip(batch._fields, batch, strict=True))
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    if fields is not None:
+        if "xs" in fields and "lengths" in fields and fields["lengths"] is not None:
+            yield prefix + (".lengths" if attr else "['lengths']"), fields["xs"], fields["lengths"]
+        items: list[tuple[Any, Any]] = list(fields.items())
+    elif isinstance(batch, (list, tuple)):
+        items = list(enumerate(batch))
+    else:
+        return
+    for k, v in items:
+        if isinstance(v, (dict, list, tuple)) or hasattr(v, "_fields") or dataclasses.is_dataclass(v):
+            sub = f".{k}" if attr and isinstance(k, str) else f"[{k!r}]"
+            yield from _length_pairs(v, prefix + sub)
+
+
+def _check_batch_lengths(batch: Any, where: str) -> None:
+    """``ValueError`` unless every ``lengths`` beside an ``xs`` lies in ``[0, T]``, ``T = xs.shape[1]``.
+
+    On host arrays only (``fit`` calls it on each batch before placing it): a few NumPy
+    reductions, no device work.
+    """
+    for path, xs, lengths in _length_pairs(batch):
+        lengths = np.asarray(lengths)
+        shape = np.shape(xs)
+        name = f"{where}{path}"
+        if not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(f"{name} must be integers, got dtype {lengths.dtype}.")
+        if len(shape) < 2 or lengths.shape != shape[:1]:
+            raise ValueError(
+                f"{name} has shape {lengths.shape} but needs ({shape[0] if shape else '?'},): one length per "
+                f"sequence of xs {tuple(shape)} (batch-major: (B, T, ...))."
+            )
+        T = shape[1]
+        bad = (lengths < 0) | (lengths > T)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"{name}[{i}] = {int(lengths[i])} is outside [0, T={T}] (T = xs.shape[1]); "
+                f"{int(bad.sum())} of {lengths.size} lengths are. Under jit an out-of-range length "
+                "would be clamped silently."
+            )
 
 
 # --------------------------------------------------------------------------- sources
@@ -172,7 +265,11 @@ class _Fn:
 
 class _Iter:
     """An iterable of batches. Re-iterable ones (lists, objects with ``__iter__``) give one
-    epoch per pass; a one-shot iterator is a single epoch. Resuming skips consumed batches."""
+    epoch per pass; a one-shot iterator is a single epoch. Resuming skips consumed batches.
+
+    A re-iterable with a method ``iter_epoch(epoch)`` (``bucket_by_length``'s batches) is
+    read through it, so epoch ``e`` gets the same batches in a resumed run.
+    """
 
     shuffleable = False
 
@@ -181,7 +278,8 @@ class _Iter:
         self.reiterable = iter(data) is not data
         if self.reiterable:
             self.data = data
-            self._first = next(iter(data), None)
+            by_epoch = getattr(data, "iter_epoch", None)
+            self._first = next(by_epoch(0) if callable(by_epoch) else iter(data), None)
         else:
             head = next(data, None)
             self._first = head
@@ -196,7 +294,8 @@ class _Iter:
             if self._used:
                 return iter(())
             self._used = True
-        it = iter(self.data)
+        by_epoch = getattr(self.data, "iter_epoch", None)  # epoch-dependent batches (reshuffled)
+        it = by_epoch(epoch) if self.reiterable and callable(by_epoch) else iter(self.data)
         return itertools.islice(it, start, None)
 
     def first(self):

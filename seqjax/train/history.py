@@ -62,13 +62,16 @@ class History:
     the set $F \subseteq I$ of finite steps (``finite`` metric), a row holds
 
     * ``step``, ``epoch``: where the interval ends;
-    * ``loss``, ``grad_norm``: $\frac{1}{|F|}\sum_{t \in F} m_t$ (over all of
-      $I$ when no step was finite, or without a ``finite`` metric);
+    * ``loss``, ``grad_norm``: $\frac{1}{|F|}\sum_{t \in F} m_t$ (NaN when no step
+      of $I$ was finite; over all of $I$ without a ``finite`` metric);
     * every other metric (aux): $\frac{1}{|I|}\sum_{t \in I} m_t$, in float64;
     * ``clipped_frac``: the fraction of steps of $I$ that clipped (with a
       ``clipped`` metric);
-    * ``grad_norm_max``: $\max_{t \in I}$ ``grad_norm``;
+    * ``grad_norm_max``: $\max_{t \in F}$ ``grad_norm`` (finite steps only, like the mean);
     * ``skipped``: the total count of skipped steps so far (given);
+    * ``skipped_steps``: the steps of $I$ that were skipped ($I \setminus F$, 1-based
+      step numbers; empty when all were finite): kept apart from the means, which they
+      would turn to NaN;
     * ``steps_per_sec``: steps since the previous row over the seconds since it;
     * ``time``: seconds since ``start_time``.
 
@@ -145,18 +148,24 @@ class History:
         cat = {k: np.concatenate([np.reshape(m[k], (-1,)) for m in ms]) for k in ms[0]} if ms else {}
         now = time.perf_counter()
         row: dict[str, Any] = {"step": step, "epoch": epoch}
-        finite = cat.get("finite", np.ones(0, bool))
+        finite = cat["finite"].astype(bool) if "finite" in cat else None
         for k, v in cat.items():
             if k == "finite":
                 continue
-            vals = v[finite] if k in ("loss", "grad_norm") and finite.any() else v
             if k == "clipped":
                 row["clipped_frac"] = float(np.mean(v))
+            elif k in ("loss", "grad_norm") and finite is not None:
+                row[k] = float(np.mean(v[finite].astype(np.float64))) if finite.any() else float("nan")
             else:
-                row[k] = float(np.mean(vals.astype(np.float64)))
+                row[k] = float(np.mean(v.astype(np.float64)))
         if "grad_norm" in cat:
-            row["grad_norm_max"] = float(np.max(cat["grad_norm"]))
+            g = cat["grad_norm"] if finite is None else cat["grad_norm"][finite]
+            row["grad_norm_max"] = float(np.max(g)) if g.size else float("nan")
         row["skipped"] = int(skipped)
+        n = len(finite) if finite is not None else 0
+        row["skipped_steps"] = (
+            [] if finite is None else [step - n + 1 + int(i) for i in np.flatnonzero(~finite)]
+        )
         row["steps_per_sec"] = (step - self._s_last) / max(now - self._t_last, 1e-9)
         row["time"] = now - self._t_start
         self._t_last, self._s_last = now, step

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -29,6 +31,8 @@ from seqjax._util import positive_int
 from seqjax.train.checkpoints import restore_checkpoint, save_checkpoint
 from seqjax.train.data import (
     _Arrays,
+    _check_batch_lengths,
+    _check_finite_arrays,
     _check_same,
     _Fn,
     _leading_any,
@@ -44,7 +48,28 @@ from seqjax.train.options import Checkpoints, Evaluation, Logging, _old_keywords
 from seqjax.train.state import TrainState, _as_key, init_train_state
 from seqjax.train.step import _call_loss, _eval_step_on, evaluate, make_train_step
 
-__all__ = ["fit", "FitResult", "NonFiniteError"]
+__all__ = ["fit", "FitResult", "NonFiniteError", "SkippedStepsWarning", "RetraceWarning"]
+
+# more distinct batch shapes than this and fit warns that the step keeps recompiling
+_MAX_QUIET_TRACES = 4
+_DEFAULT_LOG_EVERY = 50
+
+
+class SkippedStepsWarning(UserWarning):
+    """Warned by ``fit`` at a log row when steps of the interval were skipped (non-finite).
+
+    The message names the steps and the batches they read; the rows keep them in
+    ``skipped_steps``. ``fit`` raises ``NonFiniteError`` instead once too many were skipped
+    (``max_skipped``, ``max_skipped_fraction``, or every step).
+    """
+
+
+class RetraceWarning(UserWarning):
+    """Warned by ``fit`` when the train step has been traced for more than a few batch shapes.
+
+    Each new shape compiles the step again; pad variable-length data to a few lengths with
+    ``bucket_by_length``.
+    """
 
 
 class NonFiniteError(FloatingPointError):
@@ -68,22 +93,48 @@ class FitResult(NamedTuple):
     Attributes:
       state: the final ``TrainState`` (``state.params`` are the trained params).
       history: a list of rows (dicts) logged every ``Logging.every`` steps: ``step``,
-        ``epoch``, ``loss``/``grad_norm`` (means over the interval), ``grad_norm_max``,
-        ``clipped_frac``, ``skipped`` (total), ``steps_per_sec``, ``time``, and ``eval_*``
-        where an evaluation ran (see ``History``).
+        ``epoch``, ``loss``/``grad_norm`` (means over the finite steps of the interval),
+        ``grad_norm_max``, ``clipped_frac``, ``skipped`` (total), ``skipped_steps`` (the
+        interval's skipped steps), ``steps_per_sec``, ``time``, and ``eval_*`` where an
+        evaluation ran (see ``History``).
     """
 
     state: TrainState
     history: list[dict]
 
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Every skipped (non-finite) step of the logged history, 1-based, in order."""
+        return [t for row in self.history for t in row.get("skipped_steps", ())]
+
 
 # --------------------------------------------------------------------------- the parts
 
 
+def _default_log_every(k: int, eval_every: int | None) -> int:
+    """``Logging.every`` when not given: about 50 steps, a multiple of ``k`` dividing ``eval_every``."""
+    if eval_every is not None:
+        fits = [d for d in range(k, eval_every + 1, k) if eval_every % d == 0]
+        return min(fits, key=lambda d: (abs(d - _DEFAULT_LOG_EVERY), -d))
+    return k * math.ceil(_DEFAULT_LOG_EVERY / k)
+
+
 def _check_arguments(
-    steps, epochs, steps_per_call, on_nonfinite, max_skipped, evaluation, checkpoints, logging
+    steps,
+    epochs,
+    steps_per_call,
+    on_nonfinite,
+    max_skipped,
+    max_skipped_fraction,
+    evaluation,
+    checkpoints,
+    logging,
 ):
-    """The checks that tie ``fit``'s arguments and option groups together; returns ``steps_per_call``."""
+    """The checks that tie ``fit``'s arguments and option groups together.
+
+    Returns ``(steps_per_call, log_every)``; ``log_every`` is derived when ``Logging.every``
+    is ``None`` (so a default never contradicts what the user gave).
+    """
     if (steps is None) == (epochs is None):
         raise ValueError(f"fit needs exactly one of steps or epochs; got steps={steps!r}, epochs={epochs!r}.")
     for name, v in (("steps", steps), ("epochs", epochs)):
@@ -105,6 +156,15 @@ def _check_arguments(
         not isinstance(max_skipped, (int, np.integer)) or isinstance(max_skipped, bool) or max_skipped < 0
     ):
         raise ValueError(f"max_skipped must be a non-negative integer or None, got {max_skipped!r}.")
+    if max_skipped_fraction is not None and (
+        isinstance(max_skipped_fraction, bool)
+        or not isinstance(max_skipped_fraction, (int, float, np.floating))
+        or not 0 <= max_skipped_fraction < 1
+    ):
+        raise ValueError(
+            f"max_skipped_fraction must be a number in [0, 1) or None, got {max_skipped_fraction!r} "
+            "(a run in which every step was skipped always raises)."
+        )
     intervals = [("Logging.every", logging.every)]
     if evaluation is not None:
         intervals.append(("Evaluation.every", evaluation.every))
@@ -114,12 +174,15 @@ def _check_arguments(
     for name, v in intervals:
         if v is not None and v % k:
             raise ValueError(f"{name}={v} must be a multiple of steps_per_call={k}.")
-    if evaluation is not None and evaluation.every is not None and evaluation.every % logging.every:
+    eval_every = evaluation.every if evaluation is not None else None
+    if logging.every is None:
+        return k, _default_log_every(k, eval_every)
+    if eval_every is not None and eval_every % logging.every:
         raise ValueError(
-            f"Evaluation.every={evaluation.every} must be a multiple of Logging.every={logging.every} "
+            f"Evaluation.every={eval_every} must be a multiple of Logging.every={logging.every} "
             "(evaluations are reported in the log rows)."
         )
-    return k
+    return k, logging.every
 
 
 def _resolve_mesh(mesh: Mesh | str | None, batch: int) -> Mesh | None:
@@ -140,7 +203,9 @@ def _resolve_mesh(mesh: Mesh | str | None, batch: int) -> Mesh | None:
     return mesh
 
 
-def _check_loss_traces(loss_fn, params, batch, has_aux: bool, with_key: bool) -> None:
+def _check_loss_traces(
+    loss_fn, params, batch, has_aux: bool, with_key: bool, where: str = "the first training batch"
+) -> None:
     """Trace ``loss_fn`` abstractly (``jax.eval_shape``) on ``batch``: a ``ValueError`` before any compute."""
     try:
         jax.eval_shape(
@@ -150,9 +215,72 @@ def _check_loss_traces(loss_fn, params, batch, has_aux: bool, with_key: bool) ->
         raise
     except Exception as e:
         shapes = jax.tree_util.tree_map(lambda a: f"{np.shape(a)} {np.asarray(a).dtype}", batch)
-        raise ValueError(
-            f"loss_fn fails on the first training batch (leaves: {shapes}): {type(e).__name__}: {e}"
-        ) from e
+        raise ValueError(f"loss_fn fails on {where} (leaves: {shapes}): {type(e).__name__}: {e}") from e
+
+
+class _TraceCounter:
+    """``loss_fn`` with a count of how often it was called from the train step's tracing.
+
+    Python code runs under ``jit`` only while tracing, so ``traces`` counts compilations of
+    the step (one per distinct batch shape; the fused step traces its body once per shape).
+    """
+
+    def __init__(self, loss_fn: Callable):
+        self.loss_fn, self.traces = loss_fn, 0
+
+    def __call__(self, *args):
+        self.traces += 1
+        return self.loss_fn(*args)
+
+
+class _Batches:
+    """The per-batch host checks of ``fit``: the tree, dtypes and ranks of the first batch,
+    lengths within ``[0, T]``, a new shape traced abstractly before it compiles, and a
+    ``RetraceWarning`` once the step has compiled for more than a few shapes."""
+
+    def __init__(self, first, loss_fn, has_aux, with_key, counter: _TraceCounter, lengths_checked: bool):
+        self.ref = _spec(first)
+        self.loss_fn, self.has_aux, self.with_key = loss_fn, has_aux, with_key
+        self.counter, self.lengths_checked = counter, lengths_checked
+        self.seen = {self._shapes(self.ref)}
+        self.warned = False
+
+    @staticmethod
+    def _shapes(spec):
+        return tuple(s for _, s, _ in spec[1]) + (spec[2],)
+
+    def check(self, group: list, first_step: int, params) -> None:
+        """Check the ``k`` host batches of one call (before they are placed)."""
+        for j, b in enumerate(group):
+            where = f"batch {first_step + j} of train_data"
+            spec = _spec(b)
+            _check_same(spec, self.ref, where, same_shape=False)
+            if not self.lengths_checked:
+                _check_batch_lengths(b, where)
+            shapes = self._shapes(spec)
+            if shapes not in self.seen:
+                _check_loss_traces(self.loss_fn, params, b, self.has_aux, self.with_key, where=where)
+                self.seen.add(shapes)
+        if len(group) > 1 and len({self._shapes(_spec(b)) for b in group}) > 1:
+            raise ValueError(
+                f"steps_per_call={len(group)} fuses batches {first_step}..{first_step + len(group) - 1} of "
+                "train_data into one call, so they need one shape, but their shapes differ; use "
+                "steps_per_call=1 for batches of varying shapes."
+            )
+
+    def after_call(self) -> None:
+        if not self.warned and self.counter.traces > _MAX_QUIET_TRACES:
+            self.warned = True
+            shown = sorted(self.seen)[:6]
+            warnings.warn(
+                f"fit's train step has been traced and compiled {self.counter.traces} times: the batches "
+                f"change shape (per-example shapes and batch sizes seen so far: {shown}"
+                f"{' ...' if len(self.seen) > 6 else ''}). Every new shape compiles the step again; pad "
+                "variable-length sequences to a few lengths with seqjax.train.bucket_by_length (and pass "
+                "lengths), or pad all batches to one length.",
+                RetraceWarning,
+                stacklevel=3,
+            )
 
 
 def _copy_tree(t):
@@ -170,7 +298,10 @@ class _Evaluator:
         else:  # one compiled eval call for small eval sets
             bs = n if n <= 4096 else (batch_size or ref[2])
         src = _source(data, min(bs, max(n, 1)), False, key, "Evaluation.data", drop_remainder=False)
-        _check_same(_spec(src.first()), ref, "Evaluation.data")
+        if isinstance(src, _Arrays):
+            _check_finite_arrays(src.data, "Evaluation.data")  # always: a NaN mean says nothing
+            _check_batch_lengths(src.data, "Evaluation.data")
+        _check_same(_spec(src.first()), ref, "Evaluation.data", same_shape=False)
         if mesh is not None and jax.process_count() > 1 and isinstance(src, _Arrays):
             nd = mesh.shape["data"]
             if src.batch_size % nd or (src.n % src.batch_size) % nd:
@@ -278,7 +409,14 @@ class _RunCheckpoints:
 
 
 def _nonfinite_error(
-    history: History, ckpts: _RunCheckpoints | None, state, bad_step: int, epoch: int, why: str
+    history: History,
+    ckpts: _RunCheckpoints | None,
+    state,
+    bad_step: int,
+    epoch: int,
+    why: str,
+    *,
+    limit: bool = False,
 ) -> NonFiniteError:
     """Close the log (writing what it has); the error names the step and the last good checkpoint."""
     history.close()
@@ -290,9 +428,15 @@ def _nonfinite_error(
         if ckpts is not None and ckpt_step is not None
         else ""
     )
+    msg = (
+        f"fit stopped at step {bad_step} (1-based; epoch {epoch}): {why}. Skipped steps were never "
+        f"applied; the state is the one after step {bad_step}{where}."
+        if limit
+        else f"non-finite loss/gradient/params at step {bad_step} (1-based; epoch {epoch}): {why}. "
+        f"The update was not applied, so the params are those after step {bad_step - 1}{where}."
+    )
     return NonFiniteError(
-        f"non-finite loss/gradient/params at step {bad_step} (1-based; epoch {epoch}): {why}. "
-        f"The update was not applied, so the params are those after step {bad_step - 1}{where}.",
+        msg,
         bad_step,
         state,
         history.rows,
@@ -306,6 +450,63 @@ def _log(history: History, state: TrainState, pos: _Position, evaluator: _Evalua
     if evaluator is not None and evaluator.due(pos.step, final=final):
         row.update(evaluator(state.params))
     return history.append(row, state)
+
+
+def _check_bool_arg(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
+class _SkipLimits:
+    """What ``fit`` does about skipped steps at each row: name them (``SkippedStepsWarning``),
+    and raise ``NonFiniteError`` past ``max_skipped``, past ``max_skipped_fraction`` of the
+    steps taken, or when every step of the run was skipped (at its end)."""
+
+    def __init__(self, max_skipped, max_fraction, src):
+        self.max_skipped, self.max_fraction, self.src = max_skipped, max_fraction, src
+
+    def describe(self, epoch: int, index: int) -> str:
+        """The batch that a step read, in the words of its source."""
+        src = self.src
+        if isinstance(src, _Fn):
+            return f"batch function draw {index} (key fold_in(data_key, {index}))"
+        if isinstance(src, _Arrays):
+            order = src._order(epoch)
+            sl = slice(index * src.batch_size, (index + 1) * src.batch_size)
+            ex = np.arange(src.n)[sl] if order is None else order[sl]
+            shown = ", ".join(str(int(v)) for v in ex[:8]) + (", ..." if len(ex) > 8 else "")
+            return f"epoch {epoch} batch {index} (examples {shown})"
+        return f"epoch {epoch} batch {index} of the iterable"
+
+    def after_row(self, history: History, ckpts, state, pos: _Position, read, *, final: bool) -> None:
+        row = history.rows[-1] if history.rows else {}
+        bad = row.get("skipped_steps", [])
+        skipped = int(row.get("skipped", int(state.skipped)))
+        taken = pos.step
+        named = "; ".join(f"step {t}: {self.describe(*read[t])}" for t in bad[:10] if t in read)
+        if len(bad) > 10:
+            named += f"; and {len(bad) - 10} more"
+        why = None
+        if self.max_skipped is not None and skipped > self.max_skipped:
+            why = f"{skipped} steps skipped in all (max_skipped={self.max_skipped})"
+        elif self.max_fraction is not None and skipped > self.max_fraction * taken:
+            why = (
+                f"{skipped} of the {taken} steps taken were skipped, more than "
+                f"max_skipped_fraction={self.max_fraction} (pass a larger one, or None, to go on)"
+            )
+        elif final and taken and skipped >= taken:
+            why = f"every one of the {taken} steps was skipped: the params were never updated"
+        if why is not None:
+            where = f"; skipped in the last interval: {named}" if named else ""
+            raise _nonfinite_error(history, ckpts, state, pos.step, pos.epoch, why + where, limit=True)
+        if named:
+            warnings.warn(
+                f"fit skipped {len(bad)} of the last {len(read)} steps (non-finite loss, gradient or "
+                f"params; the update was not applied): {named}. {skipped} of {taken} steps "
+                "skipped so far. The rows list them in 'skipped_steps'.",
+                SkippedStepsWarning,
+                stacklevel=4,
+            )
 
 
 # --------------------------------------------------------------------------- fit
@@ -331,6 +532,8 @@ def fit(
     logging: Logging | None = None,
     on_nonfinite: str = "skip",
     max_skipped: int | None = None,
+    max_skipped_fraction: float | None = 0.5,
+    check_finite: bool = True,
     **old: Any,
 ) -> FitResult:
     r"""Train ``params`` to minimise ``loss_fn`` with ``optimizer``: the compiled step in a loop.
@@ -432,17 +635,33 @@ def fit(
         raise _old_keywords_error(old)
     key = _as_key(key)
     logging = Logging() if logging is None else logging
-    k = _check_arguments(
-        steps, epochs, steps_per_call, on_nonfinite, max_skipped, evaluation, checkpoints, logging
+    k, log_every = _check_arguments(
+        steps,
+        epochs,
+        steps_per_call,
+        on_nonfinite,
+        max_skipped,
+        max_skipped_fraction,
+        evaluation,
+        checkpoints,
+        logging,
     )
+    _check_bool_arg(check_finite, "check_finite")
     data_key, state_key = jax.random.split(key)
 
     # the data, the mesh and the evaluation, all checked before any compute
     src = _source(train_data, batch_size, shuffle, data_key, "train_data")
+    if isinstance(src, _Arrays):  # array data: scanned once, whole
+        if check_finite:
+            _check_finite_arrays(src.data, "train_data")
+        _check_batch_lengths(src.data, "train_data")
     if epochs is not None and src.per_epoch is None and isinstance(src, _Fn):
         raise ValueError("epochs needs finite data; a batch function is endless: pass steps=.")
     if epochs is not None and src.per_epoch is not None and src.per_epoch % k:
-        raise ValueError(f"the {src.per_epoch} batches per epoch must be a multiple of steps_per_call={k}.")
+        how = f" ({src.n} examples // batch_size={src.batch_size})" if isinstance(src, _Arrays) else ""
+        raise ValueError(
+            f"epochs: the {src.per_epoch} batches per epoch{how} must be a multiple of steps_per_call={k}."
+        )
     first = src.first()
     ref = _spec(first)
     mesh = _resolve_mesh(mesh, ref[2])
@@ -453,9 +672,20 @@ def fit(
     state = params if isinstance(params, TrainState) else init_train_state(params, optimizer, key=state_key)
     state = _copy_tree(state)  # the step donates its input: never the caller's arrays
     _check_loss_traces(loss_fn, state.params, first, has_aux, with_key)
+    if evaluator is not None and _spec(evaluator.source.first())[1] != ref[1]:
+        _check_loss_traces(
+            loss_fn,
+            state.params,
+            evaluator.source.first(),
+            has_aux,
+            with_key,
+            where="the first batch of Evaluation.data",
+        )
 
+    counter = _TraceCounter(loss_fn)
+    batches = _Batches(first, loss_fn, has_aux, with_key, counter, lengths_checked=isinstance(src, _Arrays))
     train_step = make_train_step(
-        loss_fn, optimizer, has_aux=has_aux, with_key=with_key, fused=k > 1, mesh=mesh
+        counter, optimizer, has_aux=has_aux, with_key=with_key, fused=k > 1, mesh=mesh
     )
     if mesh is not None:
         state = _replicate(state, mesh)
@@ -474,35 +704,41 @@ def fit(
 
     # the loop
     history = History(logging, total=total, start_step=pos.step, rows=rows, start_time=t_start)
+    read: dict[int, tuple[int, int]] = {}  # step (1-based) -> (epoch, batch index) since the last row
+    limits = _SkipLimits(max_skipped, max_skipped_fraction, src)
     try:
         for group in _batch_groups(src, k, pos, total, epochs):
-            for j, b in enumerate(group):
-                _check_same(_spec(b), ref, f"batch {pos.step + j} of train_data")
+            batches.check(group, pos.step, state.params)
             batch = group[0] if k == 1 else jax.tree_util.tree_map(lambda *xs: np.stack(xs), *group)
             state, metrics = train_step(state, _place_batch(batch, mesh, k > 1))
+            batches.after_call()
             history.add(metrics, steps=k)
+            for j in range(k):
+                read[pos.step + 1 + j] = (pos.epoch, pos.index + j)
             if on_nonfinite == "stop":
                 finite = np.reshape(_to_host(metrics["finite"]), (-1,))
                 if not finite.all():
                     j = int(np.argmin(finite))
                     bad_loss = np.reshape(_to_host(metrics["loss"]), (-1,))[j]
-                    raise _nonfinite_error(
-                        history, ckpts, state, pos.step + 1 + j, pos.epoch, f"loss={bad_loss}"
-                    )
+                    e, i = read[pos.step + 1 + j]
+                    why = f"loss={bad_loss} on {limits.describe(e, i)}"
+                    raise _nonfinite_error(history, ckpts, state, pos.step + 1 + j, pos.epoch, why)
             pos.advance(k, src.per_epoch)
             last = pos.finished(total, epochs)
             stop = False
-            if pos.step % logging.every == 0 or last:
+            if pos.step % log_every == 0 or last:
                 stop = _log(history, state, pos, evaluator, final=last)
-                if max_skipped is not None and int(state.skipped) > max_skipped:
-                    why = f"{int(state.skipped)} steps skipped in all (max_skipped={max_skipped})"
-                    raise _nonfinite_error(history, ckpts, state, pos.step, pos.epoch, why)
+                limits.after_row(history, ckpts, state, pos, read, final=last)
+                read.clear()
             if ckpts is not None and ckpts.due(pos.step) and not last:
                 ckpts.save(state, pos, history.rows)
             if stop:
                 break
         if history.pending:
             _log(history, state, pos, evaluator, final=True)
+            limits.after_row(history, ckpts, state, pos, read, final=True)
+        elif stop:
+            limits.after_row(history, ckpts, state, pos, {}, final=True)
         if ckpts is not None:
             ckpts.save(state, pos, history.rows)
     finally:

@@ -129,13 +129,16 @@ class Checkpoints:
 
 @dataclasses.dataclass(frozen=True)
 class Logging:
-    """What ``fit`` logs: ``Logging(every=50, history_path=None, progress=None, callbacks=())``.
+    """What ``fit`` logs: ``Logging(every=None, history_path=None, progress=None, callbacks=())``.
 
     Every ``every`` steps ``History`` appends a row of interval means, rewrites
     ``history_path``, updates the progress bar and calls the callbacks.
 
     Attributes:
       every: steps between history rows (a multiple of ``fit``'s ``steps_per_call``).
+        Default ``None``: ``fit`` derives it from what was given, about 50 steps: the
+        multiple of ``steps_per_call`` nearest 50 that divides ``Evaluation.every`` when
+        that is set, else the smallest multiple of ``steps_per_call`` that is at least 50.
       history_path: a ``.json`` (list of rows) or ``.csv`` file rewritten atomically at
         every row; default ``None``: not written.
       progress: show a tqdm progress bar; default ``None``: only when stderr is a terminal.
@@ -151,13 +154,13 @@ class Logging:
       (100, ())
     """
 
-    every: int = 50
+    every: int | None = None
     history_path: str | os.PathLike | None = None
     progress: bool | None = None
     callbacks: Sequence[Callable] = ()
 
     def __post_init__(self):
-        positive_int(self.every, "Logging.every")
+        _optional_positive(self.every, "Logging.every")
         _check_path(self.history_path, "Logging.history_path", optional=True)
         _check_bool(self.progress, "Logging.progress", optional=True)
         if callable(self.callbacks) or isinstance(self.callbacks, (str, bytes)):
