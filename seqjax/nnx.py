@@ -25,9 +25,9 @@ Modules:
   ``Recurrent``: any ``seqjax.Cell``. ``RNN``, ``LSTM``, ``GRU``: the built-in cells.
   ``Bidirectional``: two recurrent modules, one run backward in time, outputs merged.
   ``Stack``: layers applied in sequence (the outputs of one are the inputs of the next),
-  with optional dropout between them that follows NNX's modes: ``model.train()`` turns it
-  on, ``model.eval()`` off, and a call's ``deterministic=`` overrides both, as for
-  ``flax.nnx.Dropout``.
+    with optional dropout between them that follows NNX's modes: ``model.train()`` turns
+    it on, ``model.eval()`` off, and a call's ``deterministic=`` overrides both, as for
+    ``flax.nnx.Dropout``.
 
 Every module has ``cores(params, xs, ...)``, its recurrent cells and the inputs each reads
 (those of its functional layer ``as_layer()``), so a module goes to the spectrum tools
