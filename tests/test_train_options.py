@@ -74,6 +74,7 @@ def test_fit_signature_is_the_published_one():
         ("max_skipped", "KEYWORD_ONLY", None),
         ("max_skipped_fraction", "KEYWORD_ONLY", 0.5),
         ("check_finite", "KEYWORD_ONLY", True),
+        ("flossing", "KEYWORD_ONLY", None),
         ("old", "VAR_KEYWORD", inspect.Parameter.empty),
     ]
     got = [(p.name, p.kind.name, p.default) for p in sig.parameters.values()]

@@ -115,11 +115,75 @@ class LyapunovSpectrum:
         return plot.plot_lyapunov_spectrum(self, ax=ax, **kwargs)
 
 
-def _qr_logs(A, rank_tol):
+def _column_scale(A):
+    """``max_j ||A[..., :, j]||`` with the batch axes kept, ``(..., 1, 1)``; no gradient (it
+    only decides which ``R_ii`` count as zero, and ``||0||`` has none)."""
+    norms = jnp.linalg.norm(jax.lax.stop_gradient(A), axis=-2)
+    return jnp.max(norms, axis=-1)[..., None, None]
+
+
+def _qr_pos_impl(A):
+    if A.shape[-1] == 1:  # one column: a normalisation (no LAPACK call); a zero column -> e_1, as LAPACK
+        r = jnp.linalg.norm(A, axis=-2, keepdims=True)
+        e1 = jnp.zeros_like(A).at[..., 0, 0].set(1)
+        return jnp.where(r > 0, A / jnp.where(r > 0, r, jnp.ones_like(r)), e1), r
     Q, R = jnp.linalg.qr(A)
-    d = jnp.abs(jnp.diagonal(R))
-    scale = jnp.max(jnp.linalg.norm(A, axis=0))
+    d = jnp.diagonal(R, axis1=-2, axis2=-1)
+    sign = jnp.where(d < 0, -1, 1).astype(A.dtype)
+    return Q * sign[..., None, :], R * sign[..., :, None]
+
+
+@jax.custom_jvp
+def _qr_pos(A, rank_tol):
+    r"""Reduced QR ``A = Q R`` of ``A: (..., m, n)``, ``m >= n``, with ``diag(R) >= 0``.
+
+    The sign convention makes the factorisation unique where ``A`` has full column rank, so
+    ``Q``, ``R`` and ``log R_ii`` are smooth functions of ``A`` there (Householder QR, as
+    LAPACK returns it, flips column signs with the sign of a pivot: continuous in
+    ``|R_ii|`` but not in ``Q``).
+
+    The JVP is the standard one (``X = Q^T dA R^{-1}``, ``Omega = tril(X, -1) - tril(X, -1)^T``,
+    ``dR = (X - Omega) R``, ``dQ = dA R^{-1} + Q (Omega - X)``), with one change: a diagonal
+    entry ``R_ii <= rank_tol * max_j ||A_j||`` (numerically zero: a rank-deficient ``A``) is
+    replaced by ``max_j ||A_j||`` in the triangular solve. Column ``j`` of ``dQ`` and ``dR``
+    depends only on the leading ``(j+1) x (j+1)`` block of ``R``, so the tangents of the
+    columns before a deficient one are exact, and the others finite instead of ``inf``/NaN
+    (which ``jnp.linalg.qr``'s own rule gives there, and which a matrix product then spreads
+    to every column: ``NaN * 0 = NaN``). ``rank_tol`` gets no tangent.
+    """
+    return _qr_pos_impl(A)
+
+
+@_qr_pos.defjvp
+def _qr_pos_jvp(primals, tangents):
+    A, rank_tol = primals
+    dA = tangents[0]
+    Q, R = _qr_pos_impl(A)
+    n = R.shape[-1]
+    d = jnp.diagonal(R, axis1=-2, axis2=-1)
+    scale = _column_scale(A)[..., 0]  # (..., 1)
+    fill = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     zero = d <= rank_tol * scale
+    eye = jnp.eye(n, dtype=R.dtype)
+    R_safe = R + eye * jnp.where(zero, fill - d, jnp.zeros_like(d))[..., None, :]
+    if n == 1:
+        dA_Rinv = dA / R_safe
+    else:
+        dA_Rinv = jax.lax.linalg.triangular_solve(R_safe, dA, left_side=False, lower=False)  # dA R^{-1}
+    X = jnp.swapaxes(Q, -1, -2) @ dA_Rinv
+    low = jnp.tril(X, -1)
+    omega = low - jnp.swapaxes(low, -1, -2)
+    dR = (X - omega) @ R
+    dQ = dA_Rinv + Q @ (omega - X)
+    return (Q, R), (dQ, dR)
+
+
+def _qr_logs(A, rank_tol):
+    """``Q`` and ``log R_ii`` of ``A = Q R`` (``diag(R) >= 0``); ``-inf`` where
+    ``R_ii <= rank_tol * max_j ||A_j||``, with a zero gradient there (never NaN)."""
+    Q, R = _qr_pos(A, rank_tol)
+    d = jnp.diagonal(R, axis1=-2, axis2=-1)
+    zero = d <= rank_tol * _column_scale(A)[..., 0]
     logs = jnp.log(jnp.where(zero, jnp.ones_like(d), d))  # no log(0) in the graph: finite gradients
     return Q, jnp.where(zero, -jnp.inf, logs)
 
@@ -472,8 +536,16 @@ def lyapunov_spectrum(
     Speed and transformations: the work is one ``jax.jit`` with the cell and the integer
     options static (cells compare by value, so a cell rebuilt for each checkpoint of a sweep
     hits the cache; new params of the same shapes never recompile). The result is a pytree:
-    the call works inside a user's ``jit`` and ``vmap``, and ``jax.grad`` flows through it
-    (QR is differentiable; gradient flossing differentiates ``exponents``).
+    the call works inside a user's ``jit`` and ``vmap``, and ``jax.grad`` flows through it.
+
+    Gradients: the QR is taken with ``diag(R) > 0`` (unique for a full-rank frame, so ``Q``,
+    ``R`` and ``log R_ii`` are smooth in the params, and ``jax.grad`` of ``exponents``
+    matches finite differences), and its tangent stays finite where a ``R_ii`` is
+    numerically zero: a ``-inf`` exponent has a zero gradient and the others keep theirs
+    (never NaN; ``sum(exponents**2)`` is then itself infinite, see
+    ``seqjax.spectrum.flossing.flossing_loss`` for a floored loss). Repeated exponents are
+    no obstacle (the QR does not separate directions by their growth rates). With
+    ``reortho_every=1`` nothing overflows, in float32 too, however long the sequence.
 
     Rank deficiency: a diagonal entry with ``|R_ii| <= rank_tol * max_j ||A[:, j]||`` (``A`` the
     matrix being factorised) counts as an exact zero, as ``numpy.linalg.matrix_rank`` decides

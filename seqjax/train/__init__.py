@@ -35,10 +35,10 @@ data         data_parallel_mesh; the array / function / iterable sources, batch 
 buckets      bucket_by_length, PaddedBatch, Buckets: variable-length data in a few shapes
 step         make_train_step, make_eval_step, evaluate; the finite check, the loss call
 checkpoints  save_checkpoint, restore_checkpoint, CheckpointError (orbax, imported lazily)
-options      Evaluation, Checkpoints, Logging (fit's option groups); 0.1 keyword errors
+options      Evaluation, Checkpoints, Logging, Flossing (fit's option groups); 0.1 keyword errors
 history      History: interval means, the history file, progress bar, callbacks
-loop         fit, FitResult, NonFiniteError, SkippedStepsWarning, RetraceWarning (the
-             module is not called `fit`: that name is the function, re-exported here)
+loop         fit, floss, FitResult, NonFiniteError, SkippedStepsWarning, RetraceWarning
+             (the module is not called `fit`: that name is the function, re-exported here)
 ```
 """
 
@@ -47,8 +47,8 @@ from seqjax.train.checkpoints import CheckpointError, restore_checkpoint, save_c
 from seqjax.train.clipping import ClipState, clipped, clipped_adam, track_clipping
 from seqjax.train.data import data_parallel_mesh
 from seqjax.train.history import History
-from seqjax.train.loop import FitResult, NonFiniteError, RetraceWarning, SkippedStepsWarning, fit
-from seqjax.train.options import Checkpoints, Evaluation, Logging
+from seqjax.train.loop import FitResult, NonFiniteError, RetraceWarning, SkippedStepsWarning, fit, floss
+from seqjax.train.options import Checkpoints, Evaluation, Flossing, Logging
 from seqjax.train.state import TrainState, init_train_state
 from seqjax.train.step import evaluate, make_eval_step, make_train_step
 
@@ -70,6 +70,8 @@ __all__ = [
     "Evaluation",
     "Checkpoints",
     "Logging",
+    "Flossing",
+    "floss",
     "History",
     "save_checkpoint",
     "restore_checkpoint",

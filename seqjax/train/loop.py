@@ -44,11 +44,25 @@ from seqjax.train.data import (
     data_parallel_mesh,
 )
 from seqjax.train.history import History
-from seqjax.train.options import Checkpoints, Evaluation, Logging, _old_keywords_error
+from seqjax.train.options import (
+    Checkpoints,
+    Evaluation,
+    Flossing,
+    Logging,
+    _check_flossing_args,
+    _old_keywords_error,
+)
 from seqjax.train.state import TrainState, _as_key, init_train_state
-from seqjax.train.step import _call_loss, _eval_step_on, evaluate, make_train_step
+from seqjax.train.step import (
+    _call_loss,
+    _check_flossing_traces,
+    _eval_step_on,
+    _flossing_term,
+    evaluate,
+    make_train_step,
+)
 
-__all__ = ["fit", "FitResult", "NonFiniteError", "SkippedStepsWarning", "RetraceWarning"]
+__all__ = ["fit", "FitResult", "NonFiniteError", "SkippedStepsWarning", "RetraceWarning", "floss"]
 
 # more distinct batch shapes than this and fit warns that the step keeps recompiling
 _MAX_QUIET_TRACES = 4
@@ -509,6 +523,30 @@ class _SkipLimits:
             )
 
 
+class _FlossingHistory(History):
+    """``History`` whose ``flossing`` column is the mean over the finite steps of the interval
+    that flossed (NaN when none did), not over all of them (the step reports ``0`` where it
+    did not floss); ``flossed`` stays the plain mean: the fraction of steps that flossed."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._flossing: list[tuple[Any, Any, Any]] = []
+
+    def add(self, metrics, *, steps: int = 1) -> None:
+        self._flossing.append((metrics["flossing"], metrics["flossed"], metrics["finite"]))
+        super().add(metrics, steps=steps)
+
+    def row(self, *, step: int, epoch: int, skipped: int) -> dict[str, Any]:
+        got = jax.device_get(self._flossing)
+        self._flossing = []
+        row = super().row(step=step, epoch=epoch, skipped=skipped)
+        if got:
+            value = np.concatenate([np.reshape(v, (-1,)) for v, _, _ in got]).astype(np.float64)
+            did = np.concatenate([np.reshape(o, (-1,)) & np.reshape(f, (-1,)) for _, o, f in got])
+            row["flossing"] = float(np.mean(value[did])) if did.any() else float("nan")
+        return row
+
+
 # --------------------------------------------------------------------------- fit
 
 
@@ -534,6 +572,7 @@ def fit(
     max_skipped: int | None = None,
     max_skipped_fraction: float | None = 0.5,
     check_finite: bool = True,
+    flossing: Flossing | None = None,
     **old: Any,
 ) -> FitResult:
     r"""Train ``params`` to minimise ``loss_fn`` with ``optimizer``: the compiled step in a loop.
@@ -603,6 +642,9 @@ def fit(
       on_nonfinite: ``"skip"`` (default) or ``"stop"``: the non-finite policy (see above).
       max_skipped: with ``"skip"``, raise ``NonFiniteError`` once more steps than this were
         skipped (``None``: never).
+      flossing: a ``Flossing`` (gradient flossing on every ``every``-th step, see
+        ``make_train_step``), or ``None``. The rows then hold ``flossing``, averaged over the
+        finite steps of the interval that flossed, and ``flossed``, the fraction that did.
       **old: seqjax 0.1's flat keywords (``eval_data=``, ``log_every=``,
         ``checkpoint_dir=``, ...) are refused with a ``TypeError`` that spells out the
         option types to use instead.
@@ -647,6 +689,10 @@ def fit(
         logging,
     )
     _check_bool_arg(check_finite, "check_finite")
+    if flossing is not None and not isinstance(flossing, Flossing):
+        raise ValueError(
+            f"flossing must be a seqjax.train.Flossing(...) or None, got {type(flossing).__name__}."
+        )
     data_key, state_key = jax.random.split(key)
 
     # the data, the mesh and the evaluation, all checked before any compute
@@ -672,6 +718,8 @@ def fit(
     state = params if isinstance(params, TrainState) else init_train_state(params, optimizer, key=state_key)
     state = _copy_tree(state)  # the step donates its input: never the caller's arrays
     _check_loss_traces(loss_fn, state.params, first, has_aux, with_key)
+    if flossing is not None:
+        _check_flossing_traces(flossing, state.params, first)
     if evaluator is not None and _spec(evaluator.source.first())[1] != ref[1]:
         _check_loss_traces(
             loss_fn,
@@ -685,7 +733,7 @@ def fit(
     counter = _TraceCounter(loss_fn)
     batches = _Batches(first, loss_fn, has_aux, with_key, counter, lengths_checked=isinstance(src, _Arrays))
     train_step = make_train_step(
-        counter, optimizer, has_aux=has_aux, with_key=with_key, fused=k > 1, mesh=mesh
+        counter, optimizer, has_aux=has_aux, with_key=with_key, fused=k > 1, mesh=mesh, flossing=flossing
     )
     if mesh is not None:
         state = _replicate(state, mesh)
@@ -703,7 +751,8 @@ def fit(
     total = steps if steps is not None else (epochs * src.per_epoch if src.per_epoch else None)
 
     # the loop
-    history = History(logging, total=total, start_step=pos.step, rows=rows, start_time=t_start)
+    history_type = History if flossing is None else _FlossingHistory
+    history = history_type(logging, total=total, start_step=pos.step, rows=rows, start_time=t_start)
     read: dict[int, tuple[int, int]] = {}  # step (1-based) -> (epoch, batch index) since the last row
     limits = _SkipLimits(max_skipped, max_skipped_fraction, src)
     try:
@@ -744,3 +793,76 @@ def fit(
     finally:
         history.close()
     return FitResult(state, history.rows)
+
+
+def floss(
+    model: Any,
+    params: Any,
+    train_data: Any,
+    *,
+    k: int,
+    steps: int,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    inputs: Callable[[Any], Any] | None = None,
+    warmup: int = 0,
+    batch_size: int | None = None,
+    logging: Logging | None = None,
+) -> FitResult:
+    r"""Pre-flossing (Engelken 2023): ``steps`` optimiser steps on the flossing loss alone.
+
+    ``fit`` with the loss
+    $F(\theta, b) = \frac{1}{B}\sum_b \sum_{i \le k} \lambda_{b,i}^2$
+    (``seqjax.spectrum.flossing.flossing_loss(model, θ, inputs(b), k=k, warmup=warmup)``),
+    so the data kinds, checks, keys and history are ``fit``'s; the rows' ``loss`` (and the
+    aux ``flossing``, the same number) is $F$. Only the params the exponents depend on (the
+    recurrent cores') change; a readout keeps its initial values. Continue with the task:
+    ``fit(task_loss, optimizer, result.state.params, ...)``.
+
+    Args:
+      model: a ``Cell`` or a model with recurrent cores (see ``Flossing``).
+      params: its initial params (or a ``TrainState``).
+      train_data: as in ``fit`` (arrays, a function ``key -> batch``, or an iterable); only
+        the inputs are read.
+      k: how many of the top exponents (``1 <= k <= S``).
+      steps: optimiser steps.
+      optimizer: any ``optax.GradientTransformation``.
+      key: ``()`` PRNG key (data order, as in ``fit``).
+      inputs: ``batch -> xs``; default ``batch[0]``.
+      warmup: steps of each sequence that only move the state.
+      batch_size: ``B`` for array data.
+      logging: a ``Logging`` (default: ``fit``'s).
+
+    Returns:
+      ``fit``'s ``FitResult(state, history)``.
+
+    Examples:
+      >>> import jax, optax, seqjax
+      >>> from seqjax.tasks import adding_problem
+      >>> from seqjax.train import Logging, floss
+      >>> model = seqjax.many_to_one(seqjax.rnn(8), seqjax.dense(1))
+      >>> params = model.init(jax.random.key(0), input_size=2)
+      >>> result = floss(model, params, adding_problem(0, n=16, length=20), k=2, steps=4,
+      ...                optimizer=optax.adam(1e-2), key=jax.random.key(1), batch_size=8,
+      ...                logging=Logging(every=2, progress=False))
+      >>> [row["step"] for row in result.history], sorted(result.state.params)
+      ([2, 4], ['body', 'head'])
+    """
+    _check_flossing_args(model, k, 1.0, 1, inputs, warmup, "floss: ")
+    options = Flossing(model, k, inputs=inputs, warmup=warmup)
+
+    def loss_fn(p, batch):
+        F = _flossing_term(options, p, batch)
+        return F, {"flossing": F}
+
+    return fit(
+        loss_fn,
+        optimizer,
+        params,
+        train_data,
+        key=key,
+        steps=steps,
+        batch_size=batch_size,
+        has_aux=True,
+        logging=logging,
+    )

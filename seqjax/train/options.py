@@ -1,4 +1,4 @@
-"""``fit``'s option groups: ``Evaluation``, ``Checkpoints``, ``Logging``.
+"""``fit``'s option groups: ``Evaluation``, ``Checkpoints``, ``Logging``, ``Flossing``.
 
 Each is a small frozen dataclass whose fields are checked when it is built, so a bad value
 is a ``ValueError`` naming the field (``Logging.every must be a positive integer, got 0.``)
@@ -6,19 +6,23 @@ before any data is read. Constraints between groups and ``fit``'s own arguments 
 that must be multiples of ``steps_per_call``) are checked by ``fit``.
 
 seqjax 0.1's ``fit`` took these as flat keywords; ``_old_keywords_error`` turns such a call
-into a ``TypeError`` that spells out the new form. Imports nothing of ``seqjax.train``.
+into a ``TypeError`` that spells out the new form. Imports nothing of ``seqjax.train``
+(``Flossing`` refers to ``seqjax.cells.Cell`` only to check its model).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from seqjax._util import positive_int
 
-__all__ = ["Evaluation", "Checkpoints", "Logging"]
+__all__ = ["Evaluation", "Checkpoints", "Logging", "Flossing"]
 
 
 def _optional_positive(value: Any, name: str) -> int | None:
@@ -173,6 +177,103 @@ class Logging:
             if not callable(cb):
                 raise ValueError(f"Logging.callbacks[{i}] must be callable as cb(row, state), got {cb!r}.")
         object.__setattr__(self, "callbacks", callbacks)
+
+
+def _check_flossing_args(
+    model: Any, k: Any, weight: Any, every: Any, inputs: Any, warmup: Any, who: str
+) -> None:
+    """The checks of ``Flossing`` and ``floss``; messages name ``who`` + the field."""
+    from seqjax.cells import Cell
+
+    if model is None or not (isinstance(model, Cell) or callable(getattr(model, "cores", None))):
+        raise ValueError(
+            f"{who}model must be a seqjax Cell or a model with recurrent cores (many_to_one, many_to_many, "
+            f"stack_layers, bidirectional, encoder_decoder, a seqjax.nnx module), got {type(model).__name__}."
+        )
+    positive_int(k, f"{who}k")
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float, np.integer, np.floating))
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
+        raise ValueError(f"{who}weight must be a finite number >= 0, got {weight!r}.")
+    positive_int(every, f"{who}every")
+    if inputs is not None and not callable(inputs):
+        raise ValueError(
+            f"{who}inputs must be a function batch -> xs (e.g. lambda batch: batch['xs']) or None "
+            f"(batch[0]), got {type(inputs).__name__}."
+        )
+    if not isinstance(warmup, (int, np.integer)) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"{who}warmup must be an integer >= 0, got {warmup!r}.")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Flossing:
+    r"""Gradient flossing during training: ``Flossing(model, k, weight=1.0, every=1, inputs=None, warmup=0)``.
+
+    Pass it as ``make_train_step(..., flossing=Flossing(...))`` or ``fit(..., flossing=...)``.
+    On a step with ``state.step % every == 0`` the objective differentiated is
+
+    $$
+    \ell(\theta, b) + w\, \mathcal{L}_{\mathrm{floss}}(\theta, b), \qquad
+    \mathcal{L}_{\mathrm{floss}} = \frac{1}{B} \sum_b \sum_{i=1}^{k} \lambda_{b,i}^2
+    $$
+
+    (``seqjax.spectrum.flossing.flossing_loss(model, params, inputs(batch), k=k,
+    warmup=warmup)``, $w$ = ``weight``); on the other steps it is $\ell$ alone, and the
+    flossing loss is not computed (``jax.lax.cond``). Engelken (2023) flosses every step or
+    every few steps with ``k`` from 1 up to a good fraction of the state size.
+
+    The step's metrics gain ``flossing`` ($\mathcal{L}_{\mathrm{floss}}$ on a step that
+    flossed, ``0`` on one that did not) and ``flossed`` (bool, whether it did); ``loss``
+    stays $\ell$, the task loss, so runs with and without flossing compare directly.
+    ``fit``'s history reports ``flossing`` averaged over the (finite) steps of the interval
+    that flossed (NaN when none did) and ``flossed`` as the fraction of steps that did.
+
+    Attributes:
+      model: the model whose exponents are flossed: a ``Cell`` or anything
+        ``seqjax.spectrum.recurrent_cores`` accepts (its cores' losses are summed); the
+        params it reads are the training params.
+      k: how many of the top exponents (``1 <= k <= S``, checked on the first batch).
+      weight: $w \ge 0$.
+      every: floss on the steps ``state.step % every == 0`` (a positive integer).
+      inputs: ``batch -> xs (B, T, I)``, the inputs the model reads; default
+        ``lambda batch: batch[0]`` (a batch ``(xs, ys)``).
+      warmup: steps of each sequence that only move the state (not counted).
+
+    Examples:
+      >>> import seqjax
+      >>> from seqjax.train import Flossing
+      >>> model = seqjax.many_to_one(seqjax.rnn(8), seqjax.dense(1))
+      >>> flossing = Flossing(model, k=4, weight=0.1, every=10)
+      >>> flossing.k, flossing.weight, flossing.every
+      (4, 0.1, 10)
+      >>> Flossing(model, k=4, every=0)
+      Traceback (most recent call last):
+      ...
+      ValueError: Flossing.every must be a positive integer, got 0.
+    """
+
+    model: Any
+    k: int
+    weight: float = 1.0
+    every: int = 1
+    inputs: Callable[[Any], Any] | None = None
+    warmup: int = 0
+
+    def __post_init__(self):
+        _check_flossing_args(
+            self.model, self.k, self.weight, self.every, self.inputs, self.warmup, "Flossing."
+        )
+        object.__setattr__(self, "k", int(self.k))
+        object.__setattr__(self, "weight", float(self.weight))
+        object.__setattr__(self, "every", int(self.every))
+        object.__setattr__(self, "warmup", int(self.warmup))
+
+    def read_inputs(self, batch: Any) -> Any:
+        """``inputs(batch)``, or ``batch[0]`` by default."""
+        return batch[0] if self.inputs is None else self.inputs(batch)
 
 
 # --------------------------------------------------------------------------- 0.1 keywords

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from seqjax.train.clipping import _clip_flags
 from seqjax.train.data import _batch_sharding, _leading, _place_batch
+from seqjax.train.options import Flossing
 from seqjax.train.state import TrainState
 
 __all__ = ["make_train_step", "make_eval_step", "evaluate"]
@@ -58,6 +59,30 @@ def _call_loss(loss_fn, params, batch, key, has_aux: bool, with_key: bool):
     return loss, aux
 
 
+def _flossing_term(flossing: Flossing, params, batch) -> jax.Array:
+    """``flossing_loss(model, params, inputs(batch), k=k, warmup=warmup)``, a ``()`` float."""
+    from seqjax.spectrum.flossing import flossing_loss
+
+    f = flossing
+    return flossing_loss(f.model, params, f.read_inputs(batch), k=f.k, warmup=f.warmup)
+
+
+def _check_flossing_traces(
+    flossing: Flossing, params, batch, where: str = "the first training batch"
+) -> None:
+    """Trace the flossing loss abstractly on ``batch``: a ``ValueError`` (``k`` too large, the
+    wrong ``inputs``) before any compute."""
+    try:
+        jax.eval_shape(lambda p, b: _flossing_term(flossing, p, b), params, batch)
+    except ValueError as e:
+        raise ValueError(f"Flossing on {where}: {e}") from e
+    except Exception as e:
+        how = (
+            "" if flossing.inputs is not None else " (Flossing.inputs defaults to batch[0]; pass inputs=...)"
+        )
+        raise ValueError(f"Flossing fails on {where}{how}: {type(e).__name__}: {e}") from e
+
+
 def _shardings(mesh: Mesh | None, fused: bool):
     """``(replicated, batch)`` shardings on ``mesh``, or ``(None, None)``."""
     if mesh is None:
@@ -75,6 +100,7 @@ def make_train_step(
     fused: bool = False,
     donate: bool = True,
     mesh: Mesh | None = None,
+    flossing: Flossing | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     r"""A ``jax.jit``-compiled training step ``(state, batch) -> (state, metrics)``.
 
@@ -104,6 +130,14 @@ def make_train_step(
     With ``mesh`` (a ``Mesh`` with a ``"data"`` axis) the batch axis is sharded over
     ``"data"`` and the state replicated (data parallelism; XLA all-reduces the gradient).
 
+    With ``flossing=Flossing(model, k, weight, every, inputs, warmup)`` (gradient flossing,
+    Engelken 2023), on a step with ``state.step % every == 0`` the gradient is that of
+    $L + w F$, $F$ = ``flossing_loss(model, θ, inputs(batch), k=k, warmup=warmup)``
+    ($\frac{1}{B}\sum_b \sum_{i \le k} \lambda_{b,i}^2$), and of $L$ alone on the others
+    (a ``jax.lax.cond``: $F$ is not computed there). The metrics gain ``flossing`` ($F$ on a
+    step that flossed, ``0`` otherwise) and ``flossed`` (bool); ``loss`` stays $L$ and
+    ``finite`` covers $F$ too.
+
     Args:
       loss_fn: ``(params, batch) -> loss`` or ``(params, batch, key) -> loss`` (``with_key``),
         returning ``(loss, aux)`` with ``has_aux``; ``loss`` a float ``()``.
@@ -114,6 +148,7 @@ def make_train_step(
       fused: run a stack of batches in one call.
       donate: donate the state argument.
       mesh: optional data-parallel mesh.
+      flossing: a ``seqjax.train.Flossing``, or ``None``.
 
     Returns:
       The jitted step ``(TrainState, batch) -> (TrainState, metrics)``.
@@ -133,18 +168,44 @@ def make_train_step(
       (['clipped', 'finite', 'grad_norm', 'loss'], 1, True)
     """
 
+    if flossing is not None and not isinstance(flossing, Flossing):
+        raise ValueError(
+            f"flossing must be a seqjax.train.Flossing(...) or None, got {type(flossing).__name__}."
+        )
+
     def one(state: TrainState, batch):
         key, sub = jax.random.split(state.key)
 
         def f(p):
             return _call_loss(loss_fn, p, batch, sub, has_aux, with_key)
 
-        (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+        if flossing is None:
+            (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+            extra: dict[str, jax.Array] = {}
+            finite_extra = jnp.ones((), bool)
+        else:
+            on = state.step % flossing.every == 0
+
+            def objective(p):
+                loss, aux = f(p)
+
+                def floss(p):
+                    return _flossing_term(flossing, p, batch).astype(loss.dtype)
+
+                if flossing.every == 1:
+                    F = floss(p)
+                else:
+                    F = jax.lax.cond(on, floss, lambda p: jnp.zeros((), loss.dtype), p)
+                return loss + flossing.weight * F, (loss, F, aux)
+
+            (_, (loss, F, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+            extra = {"flossing": F, "flossed": jnp.asarray(on, bool)}
+            finite_extra = jnp.isfinite(F)
         gnorm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
-        metrics = {"loss": loss, "grad_norm": gnorm, "finite": finite}
+        finite = jnp.isfinite(loss) & finite_extra & _all_finite(grads) & _all_finite(params)
+        metrics = {"loss": loss, "grad_norm": gnorm, "finite": finite, **extra}
         flags = _clip_flags(opt_state)
         if flags:
             metrics["clipped"] = jnp.any(jnp.stack(flags))
