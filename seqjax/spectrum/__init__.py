@@ -55,10 +55,18 @@ Modules (every public name is re-exported here; import from ``seqjax.spectrum``)
 - ``gates``: the recurrent spectra of each gate's block: ``gate_spectra``, ``GateSpectrum``;
 - ``models``: the recurrent cores of a whole model (``many_to_one``, ``encoder_decoder``,
   layers, NNX modules), which every trajectory-based tool accepts in place of a cell:
-  ``recurrent_cores``, ``over_cores``, ``Core``.
+  ``recurrent_cores``, ``over_cores``, ``Core``;
+- ``dynamics``: quantities of a spectrum and of a trajectory, with error bars from the
+  windows: ``kaplan_yorke_dimension``, ``entropy_rate``, ``participation_ratio``,
+  ``participation_ratio_from_states``, ``Estimate``;
+- ``clv``: covariant Lyapunov vectors (Ginelli's method) and the angles between unstable
+  and stable subspaces: ``covariant_lyapunov_vectors``, ``clvs_from_jacobians``,
+  ``clv_angles``, ``CovariantLyapunovVectors``;
+- ``flossing``: the differentiable top-k exponents and the gradient-flossing loss
+  (Engelken 2023): ``flossing_loss``, ``flossing_exponents``.
 
 Imports point one way: ``state`` <- ``jacobians`` <- ``linalg``/``products`` <-
-``lyapunov``/``matrix_free`` <- ``report``/``fixed_points``.
+``lyapunov``/``matrix_free`` <- ``report``/``fixed_points``/``dynamics``/``clv``/``flossing``.
 
 References:
   Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks",
@@ -67,7 +75,21 @@ References:
   recurrent neural networks", 2020. Vogt et al., "On Lyapunov exponents for RNNs", 2022.
 """
 
+from seqjax.spectrum.clv import (
+    CovariantLyapunovVectors,
+    clv_angles,
+    clvs_from_jacobians,
+    covariant_lyapunov_vectors,
+)
+from seqjax.spectrum.dynamics import (
+    Estimate,
+    entropy_rate,
+    kaplan_yorke_dimension,
+    participation_ratio,
+    participation_ratio_from_states,
+)
 from seqjax.spectrum.fixed_points import FixedPoints, find_fixed_points, linearize, sample_states, speed
+from seqjax.spectrum.flossing import flossing_exponents, flossing_loss
 from seqjax.spectrum.gates import GateSpectrum, gate_spectra
 from seqjax.spectrum.jacobians import StepJacobians, input_jacobian, step_jacobian, step_jacobians
 from seqjax.spectrum.linalg import eig, eigvals, spectral_radii, step_spectra
@@ -110,4 +132,15 @@ __all__ = [
     "recurrent_cores",
     "over_cores",
     "Core",
+    "kaplan_yorke_dimension",
+    "entropy_rate",
+    "participation_ratio",
+    "participation_ratio_from_states",
+    "Estimate",
+    "covariant_lyapunov_vectors",
+    "clvs_from_jacobians",
+    "clv_angles",
+    "CovariantLyapunovVectors",
+    "flossing_loss",
+    "flossing_exponents",
 ]
