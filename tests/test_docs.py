@@ -26,6 +26,8 @@ SLOW_PAGES = {
     "docs/guides/architectures.md",
     "docs/guides/cells.md",
     "docs/guides/cli.md",
+    "docs/guides/dynamics.md",
+    "docs/guides/flossing.md",
     "docs/guides/nnx.md",
     "docs/guides/spectra.md",
     "docs/guides/training.md",
