@@ -3,6 +3,9 @@
 Strict by default: rank promotion raises (no silent broadcasting of wrong shapes) and
 warnings are errors (pyproject). Slow tests run only with ``--runslow`` (``.ci/run`` and
 the README's test command pass it), and so do the tests listed in ``slow_tier.txt``.
+Tests marked ``bench`` run the benchmark suites end to end (their plumbing, not the
+library; minutes of compiling) and run only with ``--runbench``, outside ``.ci/run``'s
+15 minutes: run ``python -m pytest -q --runslow --runbench`` before changing ``benchmarks/``.
 """
 
 # No XLA_FLAGS here: --xla_backend_optimization_level=0 cut the CPU time by about a fifth, but
@@ -19,6 +22,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+    parser.addoption(
+        "--runbench", action="store_true", default=False, help="also run the benchmark suites end to end"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,6 +32,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid in tier:
             item.add_marker(pytest.mark.slow)
+    if not config.getoption("--runbench"):
+        skip_bench = pytest.mark.skip(reason="bench: run with --runbench (benchmark suites end to end)")
+        for item in items:
+            if "bench" in item.keywords:
+                item.add_marker(skip_bench)
     if config.getoption("--runslow"):
         return
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow (as .ci/run does)")

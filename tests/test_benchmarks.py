@@ -4,8 +4,9 @@ Fast tests check the pieces against independent references: the textbook scan an
 PyTorch weight mapping against ``seqjax.unroll``, the task suite's state-gradient norms
 against the closed form of a linear RNN, the parameter-budget solver against hand counts,
 and the writers, the profile suite's bare scans against the recurrences they stand for. The
-slow test runs ``python -m benchmarks --tiny`` end to end (every
-sub-suite, toy sizes) in a subprocess and validates the JSON files key by key.
+``bench`` tests (only with ``--runbench``, outside CI's time budget) run ``python -m
+benchmarks --tiny`` end to end (every sub-suite, toy sizes) in a subprocess and validate the
+JSON files key by key, and run the task suite's jobs and models.
 """
 
 import json
@@ -267,6 +268,7 @@ def test_analysis_suite_smoke(tmp_path, capsys, monkeypatch):
     assert "n/a (ConcretizationTypeError)" in analysis.to_markdown(res)
 
 
+@pytest.mark.bench
 @pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_task_suite_only_and_checkpoint(monkeypatch):
     # The bookkeeping of a tasks run, with the training replaced by a stub that records the
@@ -294,6 +296,7 @@ def test_task_suite_only_and_checkpoint(monkeypatch):
         btasks.run("tiny", jobs=0)
 
 
+@pytest.mark.bench
 @pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_failed_task_run_keeps_finished_rows(tmp_path, monkeypatch):
     # A job that raises fails the suite, but the file it writes still holds the rows of the
@@ -326,6 +329,7 @@ def _strict_load(path):
         return json.load(f, parse_constant=lambda c: pytest.fail(f"{path}: non-strict JSON constant {c}"))
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_tasks_in_worker_processes(tmp_path):
     # --jobs 2: the jobs run in two spawned worker processes, and the result is the same
@@ -346,6 +350,7 @@ def test_tasks_in_worker_processes(tmp_path):
     assert "worker processes" in (out / "tasks.md").read_text()
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_suite_end_to_end_tiny(tmp_path):
     out = tmp_path / "results"
@@ -448,6 +453,7 @@ def test_suite_end_to_end_tiny(tmp_path):
 # ---------------------------------------------------------------- task models (benchmarks/tasks.py)
 
 
+@pytest.mark.bench
 @pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_task_model_readout_scale_and_cells_by_name():
     # the readout is N(0, 0.1^2 / H): over 64 x 50 weights the sample std is within 10% of 0.1/8
@@ -461,6 +467,7 @@ def test_task_model_readout_scale_and_cells_by_name():
         btasks.make_cell("mgu", 4)
 
 
+@pytest.mark.bench
 @pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_compare_sunspot_models_tiny():
     pytest.importorskip("statsmodels")
@@ -482,6 +489,7 @@ def test_compare_sunspot_models_tiny():
     assert r["persistence"]["test_mse"] == pytest.approx(want)
 
 
+@pytest.mark.bench
 @pytest.mark.slow  # benchmark-suite plumbing (not the library); seconds of compiling
 def test_sample_text_uses_vocab_and_is_reproducible():
     from seqjax.tasks import char_corpus
@@ -497,6 +505,7 @@ def test_sample_text_uses_vocab_and_is_reproducible():
         btasks.sample_text(cell, p, c.vocab, "\x00", 3, key=jax.random.key(1))
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_train_char_lm_beats_unigram():
     from seqjax.tasks import char_corpus

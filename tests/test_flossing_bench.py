@@ -96,6 +96,7 @@ def test_markdown_has_every_cell_arm_and_seed():
     assert "ok: same gradient-step budget" in md
 
 
+@pytest.mark.bench
 @pytest.mark.slow  # about 20 s on one idle core (three fits, one floss, the spectra)
 def test_flossing_suite_tiny_smoke(tmp_path):
     pytest.importorskip("seqjax.tasks")
