@@ -6,6 +6,8 @@ the README's test command pass it), and so do the tests listed in ``slow_tier.tx
 Tests marked ``bench`` run the benchmark suites end to end (their plumbing, not the
 library; minutes of compiling) and run only with ``--runbench``, outside ``.ci/run``'s
 15 minutes: run ``python -m pytest -q --runslow --runbench`` before changing ``benchmarks/``.
+Tests listed in ``extended_tier.txt`` repeat, on another cell, dtype or size, a check that
+CI runs; they run only with ``--runextended``.
 """
 
 # No XLA_FLAGS here: --xla_backend_optimization_level=0 cut the CPU time by about a fifth, but
@@ -15,7 +17,7 @@ library; minutes of compiling) and run only with ``--runbench``, outside ``.ci/r
 # wall time about CPU time / 1.85): the work here is mostly single-threaded compiling.
 import jax
 import pytest
-from helpers import slow_tier, x64_enabled
+from helpers import extended_tier, slow_tier, x64_enabled
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -25,6 +27,9 @@ def pytest_addoption(parser):
     parser.addoption(
         "--runbench", action="store_true", default=False, help="also run the benchmark suites end to end"
     )
+    parser.addoption(
+        "--runextended", action="store_true", default=False, help="also run extended_tier.txt's repeats"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,6 +37,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid in tier:
             item.add_marker(pytest.mark.slow)
+    if not config.getoption("--runextended"):
+        extended = extended_tier()
+        skip_extended = pytest.mark.skip(reason="extended: run with --runextended (a repeat CI does not run)")
+        for item in items:
+            if item.nodeid in extended:
+                item.add_marker(skip_extended)
     if not config.getoption("--runbench"):
         skip_bench = pytest.mark.skip(reason="bench: run with --runbench (benchmark suites end to end)")
         for item in items:

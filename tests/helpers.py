@@ -57,6 +57,12 @@ def random_like(tree, seed: int):
 SLOW_TIER_FILE = pathlib.Path(__file__).with_name("slow_tier.txt")
 
 
+def extended_tier() -> set[str]:
+    """Node ids listed in ``extended_tier.txt``: they run only with ``--runextended``."""
+    lines = (SLOW_TIER_FILE.parent / "extended_tier.txt").read_text().splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
 def slow_tier() -> set[str]:
     """Node ids listed in ``slow_tier.txt``: they run only with ``--runslow``."""
     lines = SLOW_TIER_FILE.read_text().splitlines()
