@@ -43,6 +43,7 @@ CHECKS = (
     "jacobian",
     "jacobian_diagonal",
     "jacobian_bound",
+    "linear_recurrence",
     "kernel",
 )
 """The checks ``check_cell`` runs, in order. The first five check the step itself
@@ -80,6 +81,9 @@ _HINTS = {
     "d s_t / d s_{t-1}.",
     "jacobian_bound": "cell.jacobian_bound(params) = (sigma, gamma) must bound the spectral norm of every "
     "step Jacobian: ||J_t||_2 <= sigma * gamma.",
+    "linear_recurrence": "cell.linear_recurrence(params, x_t) = (A_t, b_t), x_t unbatched (I,), must give "
+    "A_t (S,) or (S, S) and b_t (S,) with flatten_state(step(params, carry, x_t)[0]) = A_t s + b_t at every "
+    "carry (A_t * s for a diagonal A_t), s = flatten_state(carry); A_t is then the step Jacobian.",
     "kernel": "cell.kernel.run must equal autodiff of the plain scan of cell.step under the same options, "
     "values and gradients (a kernel written for another step, or one that ignores an option it lists in "
     "kernel.accepts, fails here).",
@@ -622,6 +626,47 @@ def _check_jacobians(chk, cell, params, rng, input_size, state_scale, tol, selec
             chk.passed.append(name)
 
 
+def _check_linear_recurrence(chk, cell, params, rng, input_size, state_scale, tol):
+    """``s_t = A_t s_{t-1} + b_t`` against the step, and ``A_t`` against ``jax.jacfwd`` of
+    the flattened step, at random unbatched carries and inputs."""
+    like = cell.initial_carry(params, ())
+    dtype = jnp.result_type(*[a for a in jax.tree_util.tree_leaves(like) if is_floating(a)] or [jnp.float64])
+
+    def parts(p, c, x):
+        def flat_step(s):
+            return flatten_state(cell.step(p, unflatten_state(s, like), x)[0])
+
+        s = flatten_state(c)
+        A, b = cell.linear_recurrence(p, x)
+        return {"A": A, "b": b, "s": s, "step": flat_step(s), "fallback": jax.jacfwd(flat_step)(s)}
+
+    fn = _quick_jit(parts)
+    worst = 0.0
+    for n, scale in enumerate(_STATE_SCALES):
+        c = _perturb(like, rng, scale * state_scale)
+        x = _normal(rng, (input_size,), dtype, scale)
+        where = f"at random state {n} (scale {scale * state_scale:g})"
+        out = _guard(chk, "linear_recurrence", fn, params, c, x)
+        A, b, J = out["A"], out["b"], out["fallback"]
+        S = J.shape[0]
+        if tuple(A.shape) not in ((S,), (S, S)):
+            chk.fail(
+                "linear_recurrence",
+                f"A_t has shape {tuple(A.shape)}; needs ({S},) (a diagonal) or ({S}, {S}) (dense), "
+                f"S = {S} the size of the flattened carry.",
+            )
+        if tuple(b.shape) != (S,):
+            chk.fail("linear_recurrence", f"b_t has shape {tuple(b.shape)}; needs ({S},).")
+        dense = A.ndim == 2
+        affine = (A @ out["s"] if dense else A * out["s"]) + b
+        how = f"A_t s + b_t vs the flattened step, {where}"
+        worst = max(worst, chk.compare("linear_recurrence", "s_t", affine, out["step"], *tol, how=how))
+        how = f"A_t vs jax.jacfwd of the flattened step, {where}"
+        A_full = A if dense else jnp.diag(A)
+        worst = max(worst, chk.compare("linear_recurrence", "A_t", A_full, J, *tol, how=how))
+    chk.record("linear_recurrence", worst)
+
+
 def _flags(rng, B, T):
     """``mask``, ``lengths``, ``resets`` with entries that matter (held and reset steps)."""
     mask = rng.random((B, T)) < 0.7
@@ -772,6 +817,12 @@ def check_cell(
     * ``jacobian_diagonal``: equals the diagonal of that ``jax.jacfwd``.
     * ``jacobian_bound``: ``(sigma, gamma) = cell.jacobian_bound(params)`` and
       ``||jacfwd||_2 <= sigma * gamma`` at those states.
+    * ``linear_recurrence``: ``(A, b) = cell.linear_recurrence(params, x)`` at 3 random
+      unbatched states and inputs drawn as for ``jacobian``: ``A`` is ``(S,)`` or ``(S, S)``
+      and ``b`` is ``(S,)``; ``A s + b`` (``A * s`` for a diagonal) equals the flattened
+      step's new state, and ``A`` (``diag(A)``) equals its ``jax.jacfwd``. ``A`` and ``b``
+      cannot read the carry (it is not an argument), so the three carries test one and
+      the same affine map.
     * ``kernel``: for the plain call and each option the kernel accepts (``Kernel.accepts``),
       ``gradient=Fused()`` against ``gradient=Autodiff()``: the final carry,
       ``ys``, the carries (``trajectory``), and the gradients of a linear loss of them (a
@@ -850,7 +901,7 @@ def check_cell(
         raise ValueError(f"check_cell: needs steps >= 2 and batch >= 1, got steps={steps}, batch={batch}.")
     B, T = int(batch), int(steps)
     key = jax.random.key(0) if key is None else key
-    rng_x, rng_c, rng_o, rng_fd, rng_j, rng_k = _numpy_rngs(key, 6)
+    rng_x, rng_c, rng_o, rng_fd, rng_j, rng_k, rng_l = _numpy_rngs(key, 7)
     if params is None:
         I = 3 if input_size is None else int(input_size)
         params = cell.init(key, I)
@@ -919,6 +970,7 @@ def check_cell(
                 jac_checks.append(check)
         if jac_checks:
             _check_jacobians(chk, cell, p64, rng_j, I, state_scale, tol, tuple(jac_checks))
+        capability("linear_recurrence", _check_linear_recurrence, chk, cell, p64, rng_l, I, state_scale, tol)
         if "kernel" not in selected:
             chk.skipped.append(("kernel", "not selected"))
         elif cell.kernel is None:

@@ -70,6 +70,9 @@ CELLS = {
     "gru": lambda: sj.gru(H),
     "mgu": lambda: sj.mgu(H),
     "janet": lambda: sj.janet(H),
+    "min_gru": lambda: sj.min_gru(H),
+    "min_lstm": lambda: sj.min_lstm(H),
+    "lru": lambda: sj.lru(H),
     "tdnn": lambda: sj.tdnn(H, 3),
     "narx": lambda: sj.narx(2, 3, output_window=2),
     "learnable_carry_lstm": lambda: sj.learnable_carry(sj.lstm(H)),
@@ -78,9 +81,10 @@ CELLS = {
 
 STEP_CHECKS = ("loop", "carry", "jit", "vmap")
 
-# variants of a cell the default run already checks (another activation, init, a projection):
-# with --runslow only
-_SLOW = {"rnn_relu", "irnn", "lstm_proj"}
+# variants of a cell the default run already checks (another activation, init, a projection),
+# and the cells linear in their state (tests/test_linear_cells.py checks their unroll against
+# NumPy and their capabilities with check_cell in the default run): with --runslow only
+_SLOW = {"rnn_relu", "irnn", "lstm_proj", "min_gru", "min_lstm", "lru"}
 _NAMES = [n if n not in _SLOW else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CELLS)]
 
 

@@ -28,6 +28,7 @@ SLOW_PAGES = {
     "docs/guides/cli.md",
     "docs/guides/dynamics.md",
     "docs/guides/flossing.md",
+    "docs/guides/linear-recurrences.md",
     "docs/guides/nnx.md",
     "docs/guides/spectra.md",
     "docs/guides/training.md",

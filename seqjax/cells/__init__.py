@@ -15,8 +15,10 @@ default. Matrices act on row vectors: ``x_t @ w_x`` with ``w_x: (I, G*H)``.
 
 One module per family, each owning its step, its analytic Jacobian (and diagonal) and its
 fused BPTT kernel: ``elman`` (rnn, irnn), ``lstm``, ``gru``, ``minimal`` (mgu, janet),
-``windowed`` (tdnn, narx), ``wrappers`` (learnable_carry, dropout, stack). A user's cell may carry
-none of the capabilities and still gets every feature of seqjax through generic paths.
+``windowed`` (tdnn, narx), ``linear`` (min_gru, min_lstm, lru: cells linear in their
+state, with the ``linear_recurrence`` capability), ``wrappers`` (learnable_carry, dropout,
+stack). A user's cell may carry none of the capabilities and still gets every feature of
+seqjax through generic paths.
 """
 
 from seqjax.cells._core import (
@@ -31,6 +33,7 @@ from seqjax.cells._core import (
 from seqjax.cells._fused import GateMath, affine_kernel
 from seqjax.cells.elman import irnn, rnn
 from seqjax.cells.gru import gru
+from seqjax.cells.linear import LRUState, lru, min_gru, min_lstm
 from seqjax.cells.lstm import LSTMState, lstm
 from seqjax.cells.minimal import janet, mgu
 from seqjax.cells.windowed import NARXState, narx, tdnn
@@ -47,12 +50,16 @@ __all__ = [
     "wrap",
     "LSTMState",
     "NARXState",
+    "LRUState",
     "rnn",
     "irnn",
     "lstm",
     "gru",
     "mgu",
     "janet",
+    "min_gru",
+    "min_lstm",
+    "lru",
     "tdnn",
     "narx",
     "learnable_carry",

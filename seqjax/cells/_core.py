@@ -5,7 +5,8 @@ The whole contract of a cell, in one place (``docs/design/cells.md`` has the rea
 ```text
 cell = Cell(init, initial_carry, step, *, output=None, jacobian=None,
             jacobian_diagonal=None, kernel=None, gates=None, input_size=None,
-            jacobian_bound=None, recurrent_blocks=None, meta=None)
+            jacobian_bound=None, recurrent_blocks=None, linear_recurrence=None,
+            meta=None)
 params = cell.init(key, input_size)              # a pytree of arrays
 carry = cell.initial_carry(params, batch_shape)  # a pytree of zeros, leaves (*batch, ...)
 carry, y_t = cell.step(params, carry, x_t)       # x_t: (*batch, input_size)
@@ -22,6 +23,7 @@ a generic fallback computes the same thing to float tolerance):
     input_size(params) -> int                             the I the params were made for
     jacobian_bound(params) -> (sigma, gamma)              ||J_t||_2 <= sigma * gamma everywhere
     recurrent_blocks(params) -> {gate: (R, H)}            each gate's recurrent matrix W_h^g
+    linear_recurrence(params, x_t) -> (A_t, b_t)          s_t = A_t s_{t-1} + b_t exactly
 
 ``s`` is the carry flattened in tree-leaf order (``seqjax.spectrum.flatten_state``).
 ``recurrent_blocks`` maps each gate (named as ``gates`` names it, in the cell's gate order)
@@ -29,6 +31,12 @@ to the matrix its pre-activation applies to the recurrent state, row-vector conv
 ``net_g = x_t W_x^g + h_{t-1} W_h^g + b_g`` with ``W_h^g: (R, H)``, ``R`` the width of the
 state it multiplies (``H``, or ``P`` for a projected LSTM). A cell documents what the block
 means where the recurrent term is gated (the GRU's ``n``: ``r * (h W_h^n + b_h^n)``).
+``linear_recurrence`` is carried only by a cell that is linear in its state: for one
+unbatched input ``x_t: (I,)`` it returns ``A_t``, either ``(S,)`` (a diagonal, acting
+elementwise) or ``(S, S)`` (dense), and ``b_t: (S,)``, such that the step is exactly
+``s_t = A_t s_{t-1} + b_t`` at every carry. ``A_t`` and ``b_t`` do not depend on the carry,
+so ``A_t`` (or ``diag(A_t)``) is also the step Jacobian, and one Newton (DEER) step on the
+stacked residuals is exact from any guess.
 Every capability is written for one ``step``: ``cell._replace(step=...)`` with a different
 step drops every step capability (all but ``input_size``) not replaced in the same call, so
 none goes stale; ``_replace(init=...)`` drops ``input_size`` likewise.
@@ -74,6 +82,7 @@ CAPABILITIES = (
     "input_size",
     "jacobian_bound",
     "recurrent_blocks",
+    "linear_recurrence",
 )
 _STEP_CAPABILITIES = (
     "output",
@@ -83,6 +92,7 @@ _STEP_CAPABILITIES = (
     "gates",
     "jacobian_bound",
     "recurrent_blocks",
+    "linear_recurrence",
 )
 
 
@@ -137,6 +147,7 @@ class _CellFields(NamedTuple):
     input_size: Callable | None = None
     jacobian_bound: Callable | None = None
     recurrent_blocks: Callable | None = None
+    linear_recurrence: Callable | None = None
     meta: CellMeta | None = None
 
 
@@ -168,6 +179,11 @@ class Cell(_CellFields):
         term is gated (the GRU's ``r * (h W_h^n + b_h^n)``, the MGU's ``(f * h) W_h^n``) the
         block is the matrix inside the product, as the cell documents. Used by
         ``seqjax.spectrum.gates.gate_spectra``.
+      linear_recurrence: ``(params, x_t) -> (A_t, b_t)`` for a cell linear in its state:
+        with ``x_t: (I,)`` unbatched and ``s`` the flattened carry (``S``), the step is
+        exactly ``s_t = A_t s_{t-1} + b_t`` at every carry, ``A_t: (S,)`` (a diagonal,
+        elementwise) or ``(S, S)`` (dense), ``b_t: (S,)``. Neither depends on the carry, so
+        ``A_t`` is the step Jacobian and parallel-in-time solvers are exact in one step.
       meta: a ``CellMeta`` for display; never read to choose a code path.
 
     Cells compare by value: built twice with the same arguments they are equal and hash
@@ -190,6 +206,7 @@ class Cell(_CellFields):
         input_size=None,
         jacobian_bound=None,
         recurrent_blocks=None,
+        linear_recurrence=None,
         meta=None,
     ):
         if kernel is not None and not isinstance(kernel, Kernel):
@@ -216,6 +233,7 @@ class Cell(_CellFields):
             input_size,
             jacobian_bound,
             recurrent_blocks,
+            linear_recurrence,
             meta,
         )
 
@@ -470,6 +488,10 @@ def _wrapped_cap(params, carry, x, *, cap, get, inputs):
     return cap(get(params), carry, x if inputs is None else inputs(x))
 
 
+def _wrapped_linear(params, x, *, cap, get, inputs):
+    return cap(get(params), x if inputs is None else inputs(x))
+
+
 def _wrapped_initial_carry(params, batch_shape=(), *, cell, get):
     return cell.initial_carry(get(params), batch_shape)
 
@@ -497,7 +519,9 @@ def wrap(
     ``cell`` (output rule, Jacobian, its diagonal, fused kernel, gates) is passed through with
     the same substitution, so it stays exact: the Jacobian with respect to the carry does not
     change when the params or the input are mapped (the chain rule only adds factors for
-    them, which ``jax.grad`` handles through ``params``/``inputs``). The params-only
+    them, which ``jax.grad`` handles through ``params``/``inputs``). ``linear_recurrence``
+    becomes ``cell.linear_recurrence(params(p), inputs(x_t))``: the step is still
+    ``A s + b`` with the same substituted ``A`` and ``b``. The params-only
     capabilities (``jacobian_bound``, ``recurrent_blocks``) read ``params(p)``: mapping the
     input does not touch the recurrent term ``h_{t-1} W_h``. This is the
     ``optax.chain`` of cells: ``learnable_carry`` is built with it, and so can a user's
@@ -518,8 +542,8 @@ def wrap(
 
     Returns:
       A ``Cell`` carrying every capability of ``cell`` (``jacobian_bound`` and
-      ``recurrent_blocks`` through ``params``). Built twice with equal arguments (the same
-      functions), the results are equal.
+      ``recurrent_blocks`` through ``params``, ``linear_recurrence`` through both maps).
+      Built twice with equal arguments (the same functions), the results are equal.
 
     Examples:
       >>> import seqjax
@@ -546,6 +570,8 @@ def wrap(
         cap = getattr(cell, name)
         if cap is not None:
             caps[name] = bind(_wrapped_params_only, cap=cap, get=get)
+    if cell.linear_recurrence is not None:
+        caps["linear_recurrence"] = bind(_wrapped_linear, cap=cell.linear_recurrence, get=get, inputs=inputs)
     return Cell(
         cell.init if init is None else init,
         bind(_wrapped_initial_carry, cell=cell, get=get) if initial_carry is None else initial_carry,

@@ -7,7 +7,8 @@ capabilities of its inner cells, keeping what stays exact and dropping what does
   output rule and gates pass through with the masks; the Jacobian and its diagonal stay
   exact (``J = J_inner(m * s, x) diag(m)``); the fused kernel and ``recurrent_blocks`` are
   kept for input dropout only (a recurrent mask turns ``h W_h`` into ``(m * h) W_h``);
-  ``jacobian_bound`` is dropped (the masks scale by ``1/(1 - rate)``).
+  ``jacobian_bound`` is dropped (the masks scale by ``1/(1 - rate)``), and so is
+  ``linear_recurrence`` (see ``dropout``).
 * ``stack(cells)``: the output rule composes (``y^l_t = out_l(carry^l_t, y^{l-1}_t)``), the
   Jacobian diagonal composes (the diagonal of the block lower-triangular stack Jacobian is
   made of each layer's own diagonal at its own input), the fused kernels compose layer by
@@ -17,7 +18,9 @@ capabilities of its inner cells, keeping what stays exact and dropping what does
   layers multiplies each layer's input by a fixed mask: a dropout stack keeps the output
   rule, the gates, the diagonal and the kernels, each with the masks. Its masks take the
   batch shape the step sees, so analyse a stack built without dropout (the spectrum tools
-  vmap single steps).
+  vmap single steps). A stack has no ``linear_recurrence``, even of cells that have one:
+  layer ``l`` reads ``y^{l-1}_t``, a function of layer ``l-1``'s new state, and its gates
+  are nonlinear functions of that input, so the stack's step is not affine in its state.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ def learnable_carry(cell: Cell, init: Callable | None = None) -> Cell:
     carry's tree with unbatched leaves (e.g. ``LSTMState(h: (H,), c: (H,))``); the initial
     carry broadcasts it over the batch, so ``jax.grad`` reaches it through ``unroll``.
     Every capability of ``cell`` (output rule, Jacobian, diagonal, fused kernel, gates,
-    ``jacobian_bound``, ``recurrent_blocks``) is kept: only the params layout and the
-    initial carry change.
+    ``jacobian_bound``, ``recurrent_blocks``, ``linear_recurrence``) is kept: only the params
+    layout and the initial carry change.
 
     Args:
       cell: any ``Cell``.
@@ -285,7 +288,11 @@ def dropout(cell: Cell, *, input_rate: float = 0.0, recurrent_rate: float = 0.0,
     ``kernel`` when ``recurrent_rate == 0`` (it runs on the masked inputs); ``input_size``;
     ``recurrent_blocks`` when ``recurrent_rate == 0`` (an input mask leaves the recurrent
     term ``h_{t-1} W_h`` alone; a recurrent one makes it ``(m_s * h_{t-1}) W_h``, which
-    depends on the masks); ``jacobian_bound`` is dropped.
+    depends on the masks); ``jacobian_bound`` is dropped. ``linear_recurrence`` is dropped
+    too, although a masked linear step is still linear (``A diag(m_s)``, ``b(m_x x)``): it is
+    defined for one unbatched input, and the masks drawn for that shape differ from those a
+    batched step draws, so a solver that maps it over a batch with ``jax.vmap`` would not
+    reproduce the batched ``unroll``.
 
     Args:
       cell: any ``Cell``.
