@@ -48,6 +48,7 @@ __all__ = [
     "affine_kernel",
     "affine_cell",
     "folded_bias_weights",
+    "preactivation",
 ]
 
 
@@ -69,6 +70,11 @@ class GateMath(NamedTuple):
         per step and derives ``d_u`` after the reverse scan.
       uses_h_in, uses_h_out: whether ``bwd`` reads ``h_in`` / ``h_out`` (the kernel feeds the
         reverse scan only what is read; ``None`` otherwise).
+      summed: ``fwd`` reads ``a`` and ``u`` only through ``a + u`` (the LSTM, the Elman cell,
+        JANET; not the GRU, whose reset gates ``u``) and ``weights`` returns no ``b_u``. The
+        fused kernel then computes ``z_t = [x_t, h_{t-1}] [W_x; W_h] + b`` with one matmul
+        per step and calls ``fwd(z_t, None, state)``, so ``fwd`` must accept ``u=None``
+        (``preactivation(a, u)`` reads both cases).
     """
 
     weights: Callable
@@ -79,6 +85,12 @@ class GateMath(NamedTuple):
     du_from_da: Callable | None = None
     uses_h_in: bool = True
     uses_h_out: bool = True
+    summed: bool = False
+
+
+def preactivation(a, u):
+    """``a + u``, or ``a`` alone when the kernel already summed them (``u is None``)."""
+    return a if u is None else a + u
 
 
 def folded_bias_weights(params):
@@ -180,15 +192,22 @@ def _inputs_in(hs, h0, r, reverse):
 
 def _forward(spec, w_x, b_x, w_h, b_u, state0, x, m, r, residuals):
     math = spec.math
+    # One matmul per step where the gates read only a + u: [x_t, h] @ [W_x; W_h]. On XLA:CPU
+    # two small matmuls per step cost more than one of their combined width.
+    w_xh = jnp.concatenate([w_x, w_h], axis=0) if math.summed and b_u is None else None
 
     def body(state, inp):
         x_t, m_t, r_t = inp
         if r_t is not None:
             state = tuple(jnp.where(_col(r_t), s0, s) for s, s0 in zip(state, state0, strict=True))
-        a = x_t @ w_x + _row(b_x)
-        u = state[0] @ w_h
-        if b_u is not None:
-            u = u + _row(b_u)
+        if w_xh is not None:
+            a = jnp.concatenate([x_t, state[0]], axis=-1) @ w_xh + _row(b_x)
+            u = None
+        else:
+            a = x_t @ w_x + _row(b_x)
+            u = state[0] @ w_h
+            if b_u is not None:
+                u = u + _row(b_u)
         new, res = math.fwd(a, u, state)
         if m_t is not None:
             new = tuple(jnp.where(_col(m_t), s_new, s) for s_new, s in zip(new, state, strict=True))
