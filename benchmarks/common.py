@@ -216,6 +216,50 @@ def time_callable(fn: Callable[[], Any], *, reps: int = 10, warmup: int = 1) -> 
     return timing, out
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], *, rounds: int = 10, warmup: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Time several zero-argument callables against each other, interleaved.
+
+    Every callable is called ``warmup`` times untimed (the first call timed apart as
+    ``first_call_s``); then ``rounds`` rounds each call every callable once, in an order that
+    rotates from round to round, so that a slow spell of the machine (another process, CPU
+    frequency, memory pressure) falls on all of them alike and their *ratios* stay meaningful.
+    JAX outputs are blocked on. Wall time is what is reported; ``cpu_s`` (process CPU time,
+    all threads) is kept beside it as a second opinion on a loaded machine.
+
+    Returns:
+      ``{name: stats}`` with ``stats`` as ``stats()`` gives (``median_s``, ``min_s``, ...,
+      ``times_s``) plus ``first_call_s``, ``compile_s`` (``None``) and ``cpu_median_s``.
+    """
+    names = list(fns)
+    first: dict[str, float] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fns[name]())
+        first[name] = time.perf_counter() - t0
+        for _ in range(max(warmup - 1, 0)):
+            jax.block_until_ready(fns[name]())
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[name]())
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    out = {}
+    for name in names:
+        st = stats(wall[name])
+        st["first_call_s"] = first[name]
+        st["compile_s"] = None
+        st["cpu_median_s"] = float(np.median(cpu[name]))
+        out[name] = st
+    return out
+
+
 def memory_stats(compiled) -> dict[str, Any] | None:
     """XLA's compiled memory analysis in bytes: ``peak_bytes = argument + output + temp -
     alias`` (temp is XLA's buffer assignment for temporaries, reuse included), the parts, and
