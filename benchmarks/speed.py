@@ -7,7 +7,10 @@ For every configuration (``CONFIGS``) and cell, in one process and on the same i
    weights) and against PyTorch (same weights) before any time is taken; a failed check
    drops that configuration's timings and says so;
 3. forward (``ys``) and forward+backward (gradient of ``sum(ys**2)`` with respect to all
-   params and the inputs) are timed: one warm-up, then ``reps`` calls; median/min/max;
+   params and the inputs) are timed *interleaved*: two warm-up calls each, then ``reps``
+   rounds in which every implementation (PyTorch included) is called once, in an order that
+   rotates by round (``benchmarks.common.time_interleaved``); median/min/max per
+   implementation, so that load on the machine falls on all of them alike;
 4. ratios peer / seqjax (of the medians and of the minima), achieved GFLOP/s from the
    matmul FLOP count, and XLA's peak memory of forward+backward.
 
@@ -18,6 +21,7 @@ two matmuls of the forward's size per forward matmul).
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -166,29 +170,40 @@ def _bench_case(result, cfg_name, kind, B, T, I, H, reps, torch, log):
         log(f"  {where}: CORRECTNESS CHECK FAILED, skipping timings")
         return
 
-    # 3. timings
-    rows = []
+    # 3. timings: every implementation of this row, forward and forward+backward, timed
+    # interleaved (round-robin, rotating order), so load on the machine falls on all alike.
+    fns: dict[tuple[str, str], Callable[[], Any]] = {}
+    meta: dict[tuple[str, str], dict[str, Any]] = {}
     for name, (impl, p, fc, fcs, bc, bcs) in built.items():
         for pass_, comp, cs in (("forward", fc, fcs), ("forward+backward", bc, bcs)):
-            timing, _ = common.time_compiled(comp, p, xs, reps=reps)
-            timing["compile_s"] = cs
-            row = {"impl": name, "library": impl.library, "pass": pass_, "note": impl.note, **timing}
-            if pass_ == "forward+backward":
-                row["memory"] = common.memory_stats(comp)
-            rows.append(row)
-        log(f"  timed {where} {name}")
-    del built
+            fns[(name, pass_)] = functools.partial(comp, p, xs)
+            meta[(name, pass_)] = {
+                "library": impl.library,
+                "note": impl.note,
+                "compile_s": cs,
+                "memory": common.memory_stats(comp) if pass_ == "forward+backward" else None,
+            }
     if t_fns is not None:
         for pass_, fn in (("forward", t_fns[0]), ("forward+backward", t_fns[1])):
-            timing, _ = common.time_callable(fn, reps=reps, warmup=2)
-            rows.append(
-                {"impl": "torch", "library": "torch", "pass": pass_, "note": "", **timing, "memory": None}
-            )
-        log(f"  timed {where} torch")
+            fns[("torch", pass_)] = fn
+            meta[("torch", pass_)] = {"library": "torch", "note": "", "compile_s": None, "memory": None}
     else:
         line = f"{where}: torch: not installed"
         if line not in result["skipped"]:
             result["skipped"].append(line)
+    rows = []
+    for pass_ in ("forward", "forward+backward"):
+        keys = [k for k in fns if k[1] == pass_]
+        timed = common.time_interleaved({k[0]: fns[k] for k in keys}, rounds=reps, warmup=2)
+        for k in keys:
+            m = meta[k]
+            row = {"impl": k[0], "library": m["library"], "pass": pass_, "note": m["note"], **timed[k[0]]}
+            row["compile_s"] = m["compile_s"]
+            if pass_ == "forward+backward":
+                row["memory"] = m["memory"]
+            rows.append(row)
+        log(f"  timed {where} {pass_}: {len(keys)} implementations interleaved")
+    del built
 
     # 4. ratios, GFLOP/s
     for pass_ in ("forward", "forward+backward"):
@@ -226,7 +241,8 @@ def run(mode: str = "quick", *, log: Callable[[str], None] = print, configs: lis
     result["configs"] = {c: dict(zip("BTIH", CONFIGS[c])) for c in (configs or s["configs"])}
     result["reps"] = s["reps"]
     result["notes"].append(
-        "Ratios are peer time / seqjax time (above 1: seqjax faster), of the medians (and of the minima). "
+        "Ratios are peer time / seqjax time (above 1: seqjax faster), of the medians (and of the minima); "
+        "all implementations of a row are timed interleaved (round-robin, rotating order). "
         "GFLOP/s counts matmul FLOPs only: forward 2·B·T·(I+H)·G·H, forward+backward 3x that."
     )
     result["notes"].append(
@@ -254,8 +270,8 @@ def to_markdown(result: dict) -> str:
             else "."
         ),
         "",
-        "Times: median (min–max) of "
-        f"{result['reps']} calls after warm-up. Ratio = peer median / seqjax median (>1: seqjax faster).",
+        f"Times: median (min–max) of {result['reps']} interleaved rounds after warm-up. "
+        "Ratio = peer median / seqjax median (>1: seqjax faster).",
     ]
     rows = result["rows"]
     for cfg in result["configs"]:
