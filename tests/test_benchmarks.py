@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,6 +159,8 @@ def test_profile_bare_scans_compute_their_recurrences():
         h = np.tanh((xs[t] @ w_x + h @ w_h)[:, :H])
     f32 = lambda *a: [jnp.asarray(x, jnp.float32) for x in a]  # noqa: E731
     np.testing.assert_allclose(jax.jit(fwd)(*f32(w_x, w_h, xs)), h, rtol=1e-5, atol=1e-5)
+    one_matmul = profile.bare_forward_fused(H)
+    np.testing.assert_allclose(jax.jit(one_matmul)(*f32(w_x, w_h, xs)), h, rtol=1e-5, atol=1e-5)
     g = np.ones((B, H))
     for t in reversed(range(T)):
         g = np.tanh((np.tile(g, (1, G)) * dzs[t]) @ w_h.T)
@@ -166,6 +169,49 @@ def test_profile_bare_scans_compute_their_recurrences():
     want = (X.T @ dZ, Hin.T @ dZ, dZ @ w_x.T, dZ.sum(0))
     for got, ref in zip(jax.jit(gemms)(*f32(w_x, X, Hin, dZ)), want):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_profile_counts_hlo_ops_per_step_of_each_loop():
+    # One scan with one matmul per step, then a reverse scan with two: the parser must find
+    # both loops, in order, with their dots (whatever library runs them).
+    from benchmarks import profile
+
+    def f(w, xs):
+        h, hs = jax.lax.scan(lambda h, x: (jnp.tanh(x @ w + h @ w), h), jnp.zeros((2, 4)), xs)
+        g, _ = jax.lax.scan(lambda g, h: ((g @ w) @ w.T + h, None), h, hs, reverse=True)
+        return g
+
+    text = jax.jit(f).lower(jnp.ones((4, 4)), jnp.ones((5, 2, 4))).compile().as_text()
+    loops = profile.hlo_ops_per_step(text)
+    assert [c["dot"] for c in loops] == [2, 2] or [c["dot"] for c in loops] == [1, 2], loops
+
+
+def test_time_interleaved_calls_everyone_every_round_in_rotating_order():
+    from benchmarks import common
+
+    calls = []
+    fns = {n: (lambda n: lambda: calls.append(n))(n) for n in "abc"}
+    out = common.time_interleaved(fns, rounds=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert set(out) == set("abc") and all(len(v["times_s"]) == 3 for v in out.values())
+
+
+@pytest.mark.bench
+def test_lstm_kernel_variants_have_the_same_gradients():
+    # The before/after benchmark rebuilds 0.1's LSTM kernel from the GateMath interface; every
+    # variant must compute the same gradients as today's kernel (float32, 5 steps: 1e-5).
+    from benchmarks import lstm_kernel
+
+    variants = lstm_kernel._variants(3)
+    p = variants["seqjax"].init(jax.random.key(0), 2)
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 2))
+    grads = {
+        name: jax.jit(lstm_kernel._grad_fn(lambda p, xs, c=cell: sj.unroll(c, p, xs)[1]))(p, xs)
+        for name, cell in variants.items()
+    }
+    assert variants["0.1 kernel"].kernel != variants["seqjax"].kernel
+    for name, g in grads.items():
+        chex.assert_trees_all_close(g, grads["seqjax"], rtol=1e-5, atol=1e-6, custom_message=name)
 
 
 def test_task_table_reports_diverged_seeds():
