@@ -6,7 +6,8 @@ NamedTuple ``Trajectory(carry, ys, carries, gates)``. Everything that changes ho
 is walked (variable lengths, masks, resets at episode boundaries, reversal) lives here, so
 every cell, a user's own included, gets all of it. How gradients are computed is the
 ``gradient=`` strategy (``seqjax.gradients``); how the time axis is solved is the
-``solver=`` (``seqjax.solvers``). Dropout is a cell transformation (``seqjax.cells.dropout``).
+``solver=`` (``seqjax.solvers``: the sequential scan or a parallel-in-time solver, whose
+diagnostics ``solve`` returns). Dropout is a cell transformation (``seqjax.cells.dropout``).
 
 Argument checks: shapes, dtypes and trees are static and always checked at trace time;
 ``lengths`` values are checked on the host when concrete and, when traced, by a
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from seqjax import _parallel
 from seqjax import gradients as _gradients
 from seqjax import solvers as _solvers
 from seqjax._scan import batch_shape_of_xs, time_axis_of, time_scan
@@ -40,6 +42,7 @@ __all__ = [
     "check_params",
     "check_carry",
     "checked",
+    "solve",
 ]
 
 
@@ -336,6 +339,43 @@ def _run(
     cell, params, xs, *, carry, lengths, mask, resets, reverse, time_axis, gradient, solver, carries, gates
 ) -> Trajectory:
     """The engine of ``unroll`` and ``trajectory``."""
+    return _engine(
+        cell,
+        params,
+        xs,
+        carry=carry,
+        lengths=lengths,
+        mask=mask,
+        resets=resets,
+        reverse=reverse,
+        time_axis=time_axis,
+        gradient=gradient,
+        solver=solver,
+        carries=carries,
+        gates=gates,
+        report=False,
+    )[0]
+
+
+def _engine(
+    cell,
+    params,
+    xs,
+    *,
+    carry,
+    lengths,
+    mask,
+    resets,
+    reverse,
+    time_axis,
+    gradient,
+    solver,
+    carries,
+    gates,
+    report,
+) -> tuple[Trajectory, Any]:
+    """``(Trajectory, parallel result or None)``; with ``report`` a parallel solver never
+    raises or falls back on non-convergence (``solve`` reports it instead)."""
     if not isinstance(cell, Cell):
         raise TypeError(f"cell must be a seqjax.Cell, got {type(cell).__name__}.")
     plan = _gradients.resolve(gradient)
@@ -397,34 +437,60 @@ def _run(
                 trajectory=bool(carries),
             )
             cs = jax.tree_util.tree_map(back, cs) if carries else None
-            return Trajectory(final, back(ys), cs, None)
+            return Trajectory(final, back(ys), cs, None), None
         if plan.kernel == "require":
-            raise ValueError(
-                f"gradient={plan.name} cannot run here: {'; '.join(why)}. Use Auto() or Autodiff()."
-            )
+            use = "Auto() (the solver's adjoint)" if solver.parallel else "Auto() or Autodiff()"
+            raise ValueError(f"gradient={plan.name} cannot run here: {'; '.join(why)}. Use {use}.")
 
-    cell_gates = cell.gates if gates else None  # not None when gates (checked above)
+    def body_of(carries, gates):
+        """The step of the sequential scan, with masks, resets and truncation."""
+        cell_gates = cell.gates if gates else None  # not None when gates (checked above)
 
-    def body(c, inp):
-        x, m, r, k = inp
-        if k is not None:  # truncated BPTT: cut the gradient through the carry here
-            c = jax.tree_util.tree_map(lambda a: jnp.where(k > 0, a, jax.lax.stop_gradient(a)), c)
-        if r is not None:
-            c = _select(r, carry0, c)
-        c_new, y = cell.step(params, c, x)
-        g = cell_gates(params, c, x) if cell_gates is not None else None
-        if m is not None:
-            c_new = _select(m, c_new, c)
-            y = jnp.where(_bcast(m, y), y, jnp.zeros_like(y))
-            if g is not None:
-                g = jax.tree_util.tree_map(lambda a: jnp.where(_bcast(m, a), a, jnp.zeros_like(a)), g)
-        return c_new, (y, c_new if carries else None, g)
+        def body(c, inp):
+            x, m, r, k = inp
+            if k is not None:  # truncated BPTT: cut the gradient through the carry here
+                c = jax.tree_util.tree_map(lambda a: jnp.where(k > 0, a, jax.lax.stop_gradient(a)), c)
+            if r is not None:
+                c = _select(r, carry0, c)
+            c_new, y = cell.step(params, c, x)
+            g = cell_gates(params, c, x) if cell_gates is not None else None
+            if m is not None:
+                c_new = _select(m, c_new, c)
+                y = jnp.where(_bcast(m, y), y, jnp.zeros_like(y))
+                if g is not None:
+                    g = jax.tree_util.tree_map(lambda a: jnp.where(_bcast(m, a), a, jnp.zeros_like(a)), g)
+            return c_new, (y, c_new if carries else None, g)
+
+        return body
+
+    if solver.parallel and T > 0:
+        return _solve_parallel(
+            cell,
+            params,
+            xs_tm,
+            carry0,
+            flags,
+            rs,
+            reverse=bool(reverse),
+            solver=solver,
+            plan=plan,
+            gates=gates,
+            carries=carries,
+            body_of=body_of,
+            back=back,
+            ta=ta,
+            batch_shape=batch_shape,
+            report=report,
+        )
+    body = body_of(carries, gates)
+    # T = 0 under a parallel solver: nothing to solve, the (empty) scan gives the shapes.
+    scan = _solvers.Sequential().scan if solver.parallel else solver.scan
 
     inputs = (xs_tm, flags, rs, keep)
     if plan.remat is None:
-        final, (ys, cs, gs) = solver.scan(body, carry0, inputs, reverse=reverse)
+        final, (ys, cs, gs) = scan(body, carry0, inputs, reverse=reverse)
     elif plan.remat == "step":
-        final, (ys, cs, gs) = solver.scan(jax.checkpoint(body), carry0, inputs, reverse=reverse)
+        final, (ys, cs, gs) = scan(jax.checkpoint(body), carry0, inputs, reverse=reverse)
     else:  # segments of k steps, each a checkpointed inner scan
         k = int(plan.remat)
         n = -(-T // k)
@@ -444,7 +510,7 @@ def _run(
 
         @jax.checkpoint
         def segment(c, seg):
-            return solver.scan(body, c, seg, reverse=reverse)
+            return scan(body, c, seg, reverse=reverse)
 
         final, outs = time_scan(segment, carry0, inputs, reverse=reverse)
         ys, cs, gs = jax.tree_util.tree_map(lambda a: a.reshape((n * k,) + a.shape[2:])[:T], outs)
@@ -454,6 +520,279 @@ def _run(
         jax.tree_util.tree_map(back, ys),  # a step may return a pytree of outputs
         jax.tree_util.tree_map(back, cs) if carries else None,
         jax.tree_util.tree_map(back, gs) if gates else None,
+    ), None
+
+
+# --------------------------------------------------------------------------- parallel solvers
+
+
+def _guess_time_major(guess, carry0, T, ta, batch_shape, name):
+    """A solver's ``guess`` (carries laid out as ``trajectory`` returns them, or an object
+    with ``carries``) as the flattened ``(T, *batch, S)`` trajectory, time-major."""
+    if hasattr(guess, "carries"):
+        guess = guess.carries
+    g_leaves, g_def = jax.tree_util.tree_flatten(guess)
+    c_leaves, c_def = jax.tree_util.tree_flatten(carry0)
+    if not same_treedef(g_def, c_def):
+        raise ValueError(
+            f"{name}(guess=...) has the tree {g_def} but the carry is {c_def}; pass the carries of "
+            "an earlier solve (Solution.carries or trajectory(...).carries)."
+        )
+    moved = []
+    for g, c in zip(g_leaves, c_leaves):
+        g = jnp.asarray(g)
+        want = (T,) + tuple(c.shape)
+        ok = g.ndim == len(want) and ta < g.ndim
+        g_tm = jnp.moveaxis(g, ta, 0) if ok else g
+        if not ok or tuple(g_tm.shape) != want:
+            laid = list(c.shape)
+            laid.insert(ta, T)
+            raise ValueError(
+                f"{name}(guess=...) has a leaf of shape {tuple(g.shape)} but needs {tuple(laid)} "
+                f"(the carry's shape with the time axis T={T} at time_axis, as trajectory(...).carries)."
+            )
+        moved.append(g_tm)
+    dtype = jnp.result_type(*c_leaves)
+    return _parallel.flatten_guess(jax.tree_util.tree_unflatten(c_def, moved), 1 + len(batch_shape), dtype)
+
+
+def _failure_text(name, where, iterations, residual, nonfinite, tol, max_iter) -> str:
+    why = (
+        "a Newton step overflowed (inf/NaN) and was not taken"
+        if nonfinite
+        else f"max_iter={max_iter} reached"
+    )
+    return (
+        f"{name} did not converge for the sequence at batch index {where}: {why} after {iterations} "
+        f"iterations; residual max|s_t - f(s_t-1, x_t)| = {residual:.3g} against tol={tol:.3g} "
+        "(relative to max(1, max|s|)). Raise max_iter, damp the steps (ELK / QuasiELK), pass "
+        "on_failure='sequential' to fall back to the sequential scan, or inspect the iterations "
+        "with seqjax.unroll.solve."
+    )
+
+
+def _first_failure(converged, iterations, residuals, nonfinite):
+    bad = ~np.asarray(converged, bool)
+    index = _first_bad(bad) if bad.ndim else ()
+    return (
+        index,
+        int(np.asarray(iterations)[index]),
+        float(np.asarray(residuals)[index][-1]),
+        bool(np.asarray(nonfinite)[index]),
+    )
+
+
+def _raise_unless_converged(converged, iterations, residuals, nonfinite, *, name, tol, max_iter):
+    """Host side of ``on_failure="raise"`` (a callback under ``jit``)."""
+    if bool(np.all(np.asarray(converged))):
+        return
+    index, its, res, bad = _first_failure(converged, iterations, residuals, nonfinite)
+    raise ValueError(_failure_text(name, index, its, res, bad, tol, max_iter))
+
+
+def _solve_parallel(
+    cell,
+    params,
+    xs_tm,
+    carry0,
+    flags,
+    rs,
+    *,
+    reverse,
+    solver,
+    plan,
+    gates,
+    carries,
+    body_of,
+    back,
+    ta,
+    batch_shape,
+    report,
+) -> tuple[Trajectory, Any]:
+    """``unroll`` under a parallel solver: refusals, the solve, and ``on_failure``."""
+    name = type(solver).__name__
+    if plan.truncate is not None:
+        raise ValueError(
+            f"gradient={plan.name} cannot run under solver={name}: truncated BPTT cuts the carry's "
+            "gradient at fixed steps, which the adjoint of a parallel solve (one scan over the whole "
+            "sequence) does not do. Use the Sequential solver for truncated BPTT."
+        )
+    if plan.remat is not None:
+        raise ValueError(
+            f"gradient={plan.name} cannot run under solver={name}: rematerialisation checkpoints a "
+            "sequential scan; a parallel solver stores the solved carries and differentiates by its "
+            "adjoint. Use gradient=Auto() (the default)."
+        )
+    if plan.kernel == "never":
+        raise ValueError(
+            f"gradient={plan.name} cannot run under solver={name}: autodiff differentiates the "
+            "sequential scan, and the parallel solvers differentiate by their adjoint (reverse mode "
+            "only). Use gradient=Auto() (the default), or the Sequential solver for forward mode."
+        )
+    for leaf in jax.tree_util.tree_leaves(carry0):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(
+                f"solver={name} solves for the carry as a real vector, but the carry has a leaf of "
+                f"dtype {leaf.dtype}; use the Sequential solver for this cell."
+            )
+    T = xs_tm.shape[0]
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(carry0))
+    pplan = solver.plan(T, dtype)
+    guess = None
+    if solver.guess is not None:
+        guess = _guess_time_major(solver.guess, carry0, T, ta, batch_shape, name)
+    res = _parallel.run(
+        cell,
+        params,
+        carry0,
+        xs_tm,
+        mask=flags,
+        resets=rs,
+        reverse=reverse,
+        plan=pplan,
+        guess=guess,
+        gates=gates,
+    )
+    out = (res.final, res.ys, res.carries, res.gates)
+    if not report:
+        if solver.on_failure == "sequential":
+
+            def sequential():
+                final, (ys, cs, gs) = time_scan(
+                    body_of(True, gates), carry0, (xs_tm, flags, rs, None), reverse=reverse
+                )
+                return final, ys, cs, gs
+
+            out = jax.lax.cond(jnp.all(res.converged), lambda: out, sequential)
+        else:
+            check = functools.partial(
+                _raise_unless_converged, name=name, tol=pplan.tol, max_iter=pplan.max_iter
+            )
+            diag = (res.converged, res.iterations, res.residuals, res.nonfinite)
+            if all(_is_concrete(a) for a in diag):
+                check(*diag)
+            else:
+                jax.debug.callback(check, *diag)
+    final, ys, cs, gs = out
+    traj = Trajectory(
+        final,
+        jax.tree_util.tree_map(back, ys),
+        jax.tree_util.tree_map(back, cs) if carries else None,
+        jax.tree_util.tree_map(back, gs) if gates else None,
+    )
+    return traj, res
+
+
+def solve(
+    cell: Cell,
+    params: Any,
+    xs: jax.Array,
+    solver: _solvers.Solver,
+    *,
+    carry: Any = None,
+    lengths: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    resets: jax.Array | None = None,
+    reverse: bool = False,
+    time_axis: int = -2,
+) -> _solvers.Solution:
+    r"""Run ``cell`` over a sequence with ``solver`` and report how it went: a ``Solution``.
+
+    The run of ``trajectory(cell, params, xs, ..., solver=solver)`` (same arguments, same
+    layouts) plus the solver's diagnostics: iterations, the residual after every iteration,
+    and whether each sequence converged. ``solve`` never raises or falls back on
+    non-convergence (``solver.on_failure`` is for ``unroll``): it returns the last iterate,
+    which is never NaN (a step that overflows is not taken and ``nonfinite`` says so).
+
+    The parallel solvers find the carries as the root of the stacked residual
+    ``r_t = s_t - F_t(s_{t-1})``, ``t = 1..T`` (``s`` the flattened carry, ``F_t`` the step
+    with ``unroll``'s masks and resets: ``J_t = I`` at a held step, ``0`` at a reset, which
+    reads the initial carry). Gradients (``jax.grad`` through ``solve``, ``unroll`` or
+    ``trajectory``) come from the adjoint at the solution: ``lambda_t = g_t + J_{t+1}^T
+    lambda_{t+1}``, one reverse associative scan with the forward solve's Jacobians, refined
+    with exact vector-Jacobian products of the step until its residual meets ``tol`` (the
+    quasi variants' diagonal is only a preconditioner there, so their gradients are exact
+    too; at most ``T`` refinements, each exact on one more step). Then one batched
+    vector-Jacobian product of the step gives the params', inputs' and initial carry's
+    cotangents. The gradient is that of the converged solution; for an unconverged solve it
+    is the adjoint at the last iterate.
+
+    Args:
+      cell: a ``Cell``.
+      params: the cell's params.
+      xs: inputs ``(*batch, T, I)`` (time at ``time_axis``).
+      solver: ``DEER()``, ``QuasiDEER()``, ``ELK()``, ``QuasiELK()``, or ``Sequential()``
+        (``None`` means ``Sequential()``), whose diagnostics are trivial: ``iterations`` 0,
+        ``residuals`` zeros ``(*batch, 1)``, ``converged`` true.
+      carry: initial carry, leaves ``(*batch, ...)``; default ``cell.initial_carry``.
+      lengths: integer ``(*batch,)`` in ``[0, T]``, as ``unroll`` checks them.
+      mask: boolean ``(*batch, T)``.
+      resets: boolean ``(*batch, T)``.
+      reverse: solve from the last step to the first; outputs in input order.
+      time_axis: the time axis of ``xs``.
+
+    Returns:
+      ``Solution(final, ys, carries, iterations, residuals, converged, nonfinite)``:
+      ``iterations``, ``converged``, ``nonfinite`` ``(*batch,)``; ``residuals``
+      ``(*batch, max_iter + 1)`` (``max_iter`` defaults to ``T``; ``max(T, 100)`` for the
+      damped solvers).
+
+    Raises:
+      ValueError: as ``unroll``; also for a dense solve above the solver's ``memory_limit``
+        (naming ``T``, ``S``, the bytes and the limit), a ``guess`` of the wrong tree or
+        shape, or a carry with a non-floating leaf.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, seqjax
+      >>> from seqjax.solvers import DEER
+      >>> from seqjax.unroll import solve
+      >>> cell = seqjax.gru(4)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jax.random.normal(jax.random.key(1), (2, 50, 3))
+      >>> @jax.jit
+      ... def run(params, xs, guess):        # a solver holding arrays is built inside jit
+      ...     return solve(cell, params, xs, DEER(guess=guess))
+      >>> sol = run(params, xs, jnp.zeros((2, 50, 4)))                # from zeros
+      >>> print(sol.converged, sol.iterations.shape, sol.residuals.shape)
+      [ True  True] (2,) (2, 51)
+      >>> _, ys = seqjax.unroll(cell, params, xs)                     # the sequential scan
+      >>> bool(jnp.allclose(sol.ys, ys, atol=1e-5))
+      True
+      >>> print(run(params, xs, sol.carries).iterations)              # warm start: done at once
+      [0 0]
+    """
+    solver = _solvers.resolve(solver)
+    traj, res = _engine(
+        cell,
+        params,
+        xs,
+        carry=carry,
+        lengths=lengths,
+        mask=mask,
+        resets=resets,
+        reverse=reverse,
+        time_axis=time_axis,
+        gradient=None,
+        solver=solver,
+        carries=True,
+        gates=False,
+        report=True,
+    )
+    if res is None:  # a sequential solver (or T = 0): nothing iterated
+        batch = tuple(jax.tree_util.tree_leaves(traj.carry)[0].shape[: jnp.ndim(xs) - 2])
+        leaves = jax.tree_util.tree_leaves(traj.carry)
+        dtype = jnp.result_type(*leaves)
+        return _solvers.Solution(
+            traj.carry,
+            traj.ys,
+            traj.carries,
+            jnp.zeros(batch, jnp.int32),
+            jnp.zeros(batch + (1,), dtype),
+            jnp.ones(batch, bool),
+            jnp.zeros(batch, bool),
+        )
+    return _solvers.Solution(
+        traj.carry, traj.ys, traj.carries, res.iterations, res.residuals, res.converged, res.nonfinite
     )
 
 
@@ -523,7 +862,9 @@ def unroll(
         autodiff), ``Fused()``, ``Autodiff()``, ``Remat(every=k)`` or
         ``Truncate(every=k, base=...)``. Forward values never depend on it.
       solver: how the time axis is solved, a ``seqjax.solvers`` solver; default
-        ``Sequential()`` (``lax.scan``; ``Sequential(unroll=k)`` for ``lax.scan``'s unroll).
+        ``Sequential()`` (``lax.scan``; ``Sequential(unroll=k)`` for ``lax.scan``'s unroll),
+        or a parallel-in-time solver, ``DEER()``, ``QuasiDEER()``, ``ELK()``, ``QuasiELK()``
+        (``docs/guides/parallel.md``; ``solve`` returns its diagnostics).
 
     Dtypes: params, floating inputs and the carry are cast to their promoted dtype
     (``jnp.result_type``) before the scan; integer inputs are left alone; gradients come back
@@ -538,7 +879,11 @@ def unroll(
         (when concrete) lengths outside ``[0, T]`` (naming the first bad index and value), a
         bad ``time_axis``, or a ``Fused()`` gradient the cell's kernel cannot serve (the
         message says why). Traced lengths outside ``[0, T]`` raise only under ``checked`` /
-        ``checkify.checkify`` (``checkify.JaxRuntimeError``, a ``ValueError``).
+        ``checkify.checkify`` (``checkify.JaxRuntimeError``, a ``ValueError``). Under a
+        parallel solver with ``on_failure="raise"``: a sequence that did not converge (eager;
+        under ``jit`` the same message arrives as a ``jax.errors.JaxRuntimeError`` from a host
+        callback), a dense solve above the solver's ``memory_limit``, and the gradient
+        strategies it cannot serve (``Truncate``, ``Remat``, ``Autodiff``, ``Fused``).
       TypeError: for a keyword of 0.1 (``bptt=``, ``return_carries=``, ...), naming its 0.2
         spelling.
 
@@ -599,7 +944,7 @@ def trajectory(
       gradient: a ``seqjax.gradients`` strategy (as in ``unroll``). The fused kernel serves
         trajectories of carries; gates are computed on the plain scan (so ``gates=True``
         with ``gradient=Fused()`` is refused).
-      solver: a ``seqjax.solvers`` solver.
+      solver: a ``seqjax.solvers`` solver (sequential or parallel, as in ``unroll``).
       gates: also return the gates (needs the cell's ``gates`` capability).
 
     Returns:

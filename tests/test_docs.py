@@ -30,6 +30,7 @@ SLOW_PAGES = {
     "docs/guides/flossing.md",
     "docs/guides/linear-recurrences.md",
     "docs/guides/nnx.md",
+    "docs/guides/parallel.md",
     "docs/guides/spectra.md",
     "docs/guides/training.md",
     "docs/guides/unrolling.md",
