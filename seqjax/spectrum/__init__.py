@@ -63,10 +63,14 @@ Modules (every public name is re-exported here; import from ``seqjax.spectrum``)
   and stable subspaces: ``covariant_lyapunov_vectors``, ``clvs_from_jacobians``,
   ``clv_angles``, ``CovariantLyapunovVectors``;
 - ``flossing``: the differentiable top-k exponents and the gradient-flossing loss
-  (Engelken 2023): ``flossing_loss``, ``flossing_exponents``.
+  (Engelken 2023): ``flossing_loss``, ``flossing_exponents``;
+- ``parallel``: whether parallel-in-time solvers (``seqjax.solvers.DEER``, ``QuasiDEER``)
+  converge and in how many iterations, from ``lambda_max`` (Gonzalez et al. 2025):
+  ``parallel_convergence``, ``ParallelPrediction``.
 
 Imports point one way: ``state`` <- ``jacobians`` <- ``linalg``/``products`` <-
-``lyapunov``/``matrix_free`` <- ``report``/``fixed_points``/``dynamics``/``clv``/``flossing``.
+``lyapunov``/``matrix_free`` <- ``report``/``fixed_points``/``dynamics``/``clv``/``flossing``/
+``parallel``.
 
 References:
   Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks",
@@ -96,6 +100,7 @@ from seqjax.spectrum.linalg import eig, eigvals, spectral_radii, step_spectra
 from seqjax.spectrum.lyapunov import LyapunovSpectrum, lyapunov_from_jacobians, lyapunov_spectrum
 from seqjax.spectrum.matrix_free import top_eigenvalues, top_singular_values
 from seqjax.spectrum.models import Core, over_cores, recurrent_cores
+from seqjax.spectrum.parallel import ParallelPrediction, parallel_convergence
 from seqjax.spectrum.products import lag_log_norms, product_eigenvalues, product_singular_values
 from seqjax.spectrum.report import GradientFlowReport, gradient_flow_report
 from seqjax.spectrum.state import flatten_state, state_size, unflatten_state
@@ -143,4 +148,6 @@ __all__ = [
     "CovariantLyapunovVectors",
     "flossing_loss",
     "flossing_exponents",
+    "parallel_convergence",
+    "ParallelPrediction",
 ]
