@@ -20,6 +20,7 @@ and the state replicated (``P()``). Imports nothing of seqjax.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -246,8 +247,32 @@ class _Arrays:
         return next(self.epoch(0, 0))
 
 
+# keys of a batch function are made this many at a time (one dispatch, one read per block)
+_KEY_BLOCK = 256
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _fold_in_block(key: jax.Array, start: jax.Array, n: int) -> jax.Array:
+    """Raw data of ``fold_in(key, start + j)`` for ``j < n``: ``(n, *key_data_shape)``.
+
+    ``start`` is a ``()`` uint32 (``start + n <= 2**32``: no index wraps). ``fold_in`` is
+    an elementwise hash of ``(key, index)``, so each row is bit-for-bit the key data of the
+    eager ``jax.random.fold_in(key, start + j)``.
+    """
+    idx = start + jnp.arange(n, dtype=jnp.uint32)
+    return jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(key, i))(idx))
+
+
 class _Fn:
-    """``fn(key) -> batch``: an endless stream; batch ``i`` uses ``fold_in(key, i)``."""
+    """``fn(key) -> batch``: an endless stream; batch ``i`` uses ``fold_in(key, i)``.
+
+    The keys are made ``_KEY_BLOCK`` at a time by one compiled call, dispatched a block
+    ahead, read to the host once, and each handed to ``fn`` as a typed key built from its
+    host data (``jax.random.wrap_key_data``). So drawing a batch never waits for the device:
+    with ``fit``'s train step in flight, an eager ``fold_in`` queued behind it would make
+    ``fn`` (which reads its key) wait for the whole step, while this way the next batch is
+    drawn on the host while the device computes the current step.
+    """
 
     shuffleable = False
     per_epoch = None
@@ -255,9 +280,25 @@ class _Fn:
     def __init__(self, fn, key):
         self.fn, self.key = fn, key
 
+    def _keys(self, start: int):
+        """The key data of batches ``start, ..., start + _KEY_BLOCK - 1`` (dispatched, not
+        read), or ``None`` past ``2**32`` indices (eager ``fold_in`` then raises as before)."""
+        if start + _KEY_BLOCK > 1 << 32:
+            return None
+        return _fold_in_block(self.key, np.uint32(start), _KEY_BLOCK)
+
     def epoch(self, epoch, start):
-        for i in itertools.count(start):
-            yield jax.tree_util.tree_map(np.asarray, self.fn(jax.random.fold_in(self.key, i)))
+        impl = jax.random.key_impl(self.key)
+        ahead = self._keys(start)
+        for lo in itertools.count(start, _KEY_BLOCK):
+            block, ahead = ahead, self._keys(lo + _KEY_BLOCK)  # the next block is computed early
+            if block is None:
+                for i in itertools.count(lo):
+                    yield jax.tree_util.tree_map(np.asarray, self.fn(jax.random.fold_in(self.key, i)))
+                return
+            for row in np.asarray(block):
+                key = jax.random.wrap_key_data(row, impl=impl)
+                yield jax.tree_util.tree_map(np.asarray, self.fn(key))
 
     def first(self):
         return jax.tree_util.tree_map(np.asarray, self.fn(jax.random.fold_in(self.key, 0)))

@@ -18,6 +18,7 @@ import itertools
 import math
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -67,6 +68,8 @@ __all__ = ["fit", "FitResult", "NonFiniteError", "SkippedStepsWarning", "Retrace
 # more distinct batch shapes than this and fit warns that the step keeps recompiling
 _MAX_QUIET_TRACES = 4
 _DEFAULT_LOG_EVERY = 50
+# compiled calls dispatched ahead of the device at most (each holds its batch in device memory)
+_MAX_IN_FLIGHT = 3
 
 
 class SkippedStepsWarning(UserWarning):
@@ -250,32 +253,62 @@ class _TraceCounter:
 class _Batches:
     """The per-batch host checks of ``fit``: the tree, dtypes and ranks of the first batch,
     lengths within ``[0, T]``, a new shape traced abstractly before it compiles, and a
-    ``RetraceWarning`` once the step has compiled for more than a few shapes."""
+    ``RetraceWarning`` once the step has compiled for more than a few shapes.
+
+    What the checks of a batch find, except its lengths, depends only on its tree structure
+    and its leaves' shapes and dtypes, so a batch whose signature (``_signature``) passed
+    before is not checked again: the lengths are (they are values), the rest costs one
+    ``tree_flatten``.
+    """
 
     def __init__(self, first, loss_fn, has_aux, with_key, counter: _TraceCounter, lengths_checked: bool):
         self.ref = _spec(first)
         self.loss_fn, self.has_aux, self.with_key = loss_fn, has_aux, with_key
         self.counter, self.lengths_checked = counter, lengths_checked
         self.seen = {self._shapes(self.ref)}
+        self.passed: dict[Any, tuple] = {}  # signature -> shapes, for batches that passed
         self.warned = False
 
     @staticmethod
     def _shapes(spec):
         return tuple(s for _, s, _ in spec[1]) + (spec[2],)
 
+    @staticmethod
+    def _signature(batch) -> Any:
+        """``(treedef, ((shape, dtype), ...))`` of a batch of arrays, else ``None`` (check in full)."""
+        leaves, treedef = jax.tree_util.tree_flatten(batch)
+        try:
+            sig = treedef, tuple((tuple(x.shape), x.dtype) for x in leaves)
+            hash(sig)
+        except (AttributeError, TypeError):  # a leaf that is no array (a Python scalar, ...)
+            return None
+        return sig
+
+    def _check_one(self, b, where: str, params) -> tuple:
+        """The full checks of one batch (its lengths aside); returns its shapes."""
+        spec = _spec(b)
+        _check_same(spec, self.ref, where, same_shape=False)
+        shapes = self._shapes(spec)
+        if shapes not in self.seen:
+            _check_loss_traces(self.loss_fn, params, b, self.has_aux, self.with_key, where=where)
+            self.seen.add(shapes)
+        return shapes
+
     def check(self, group: list, first_step: int, params) -> None:
         """Check the ``k`` host batches of one call (before they are placed)."""
+        group_shapes = set()
         for j, b in enumerate(group):
             where = f"batch {first_step + j} of train_data"
-            spec = _spec(b)
-            _check_same(spec, self.ref, where, same_shape=False)
+            sig = self._signature(b)
+            shapes = self.passed.get(sig) if sig is not None else None
+            if shapes is None:
+                shapes = self._check_one(b, where, params)
+                if sig is not None:
+                    self.passed[sig] = shapes
             if not self.lengths_checked:
                 _check_batch_lengths(b, where)
-            shapes = self._shapes(spec)
-            if shapes not in self.seen:
-                _check_loss_traces(self.loss_fn, params, b, self.has_aux, self.with_key, where=where)
-                self.seen.add(shapes)
-        if len(group) > 1 and len({self._shapes(_spec(b)) for b in group}) > 1:
+            group_shapes.add(shapes)
+        if len(group_shapes) > 1:
             raise ValueError(
                 f"steps_per_call={len(group)} fuses batches {first_step}..{first_step + len(group) - 1} of "
                 "train_data into one call, so they need one shape, but their shapes differ; use "
@@ -597,6 +630,12 @@ def fit(
 
     Keys: ``data_key, state_key = split(key)``; the state's key feeds ``loss_fn`` (``with_key``).
 
+    Speed: between log rows nothing waits for the device. The next batches are drawn and
+    checked on the host while the device runs the step (at most 3 compiled calls ahead, so
+    at most that many batches wait in device memory); a batch function's keys are computed
+    a block at a time, so reading its key never waits for the step in flight. The checks of
+    a batch are done once per tree, shapes and dtypes (its ``lengths`` every time).
+
     Options (see each type): ``logging=Logging(every=50, history_path, progress, callbacks)``:
     every ``every`` steps a ``History`` row of interval means is appended and written, the
     progress bar updated and the callbacks called (one returning ``True`` stops training).
@@ -755,6 +794,10 @@ def fit(
     history = history_type(logging, total=total, start_step=pos.step, rows=rows, start_time=t_start)
     read: dict[int, tuple[int, int]] = {}  # step (1-based) -> (epoch, batch index) since the last row
     limits = _SkipLimits(max_skipped, max_skipped_fraction, src)
+    # Nothing below waits for the device between log rows, so the host draws and dispatches
+    # the next batches while the device computes; ``in_flight`` keeps it at most
+    # ``_MAX_IN_FLIGHT`` calls ahead.
+    in_flight: deque = deque()
     try:
         for group in _batch_groups(src, k, pos, total, epochs):
             batches.check(group, pos.step, state.params)
@@ -762,6 +805,9 @@ def fit(
             state, metrics = train_step(state, _place_batch(batch, mesh, k > 1))
             batches.after_call()
             history.add(metrics, steps=k)
+            in_flight.append(metrics["loss"])
+            if len(in_flight) > _MAX_IN_FLIGHT:  # bound the run-ahead (and the batches it holds)
+                jax.block_until_ready(in_flight.popleft())
             for j in range(k):
                 read[pos.step + 1 + j] = (pos.epoch, pos.index + j)
             if on_nonfinite == "stop":
